@@ -1,0 +1,3 @@
+"""safeft: safety-preserving fine-tuning of aligned language models."""
+
+__version__ = "0.1.0"

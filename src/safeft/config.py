@@ -1,0 +1,276 @@
+"""Typed run configuration.
+
+Configs are dataclasses; YAML files and ``section.key=value`` command-line overrides are two views of
+them. Unknown keys and missing required fields are errors that name the file (or "command line") and
+the dotted key. The resolved config is written beside every run's outputs (``config.yaml``) so a run can
+be reproduced with ``--config runs/<id>/config.yaml``.
+
+The defense section is polymorphic: ``defense.name`` picks the method, and the remaining keys are
+validated against that method's own ``Config`` dataclass (see ``safeft.methods``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built. The message names where the bad value came from."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # False = full fine-tuning of every parameter
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear" = every linear projection of the decoder (not lm_head), peft's own resolution
+    targets: str | list[str] = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    # hub id, local directory, path to a .gguf file, or the alias "smollm2-135m" (the embedded model)
+    spec: str = "smollm2-135m"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # system prompt for the chat template; None = the template's own default
+    system_prompt: str | None = None
+
+
+@dataclass
+class DataConfig:
+    task: str  # data source spec of the fine-tuning data, e.g. "domain:finance" or "jsonl:my.jsonl"
+    n_train: int | None = None  # None = every row of the source
+    max_length: int = 256  # prompt + response tokens; longer rows are truncated from the response end
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 75  # optimizer steps
+    batch_size: int = 8  # micro-batch size
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    schedule: str = "cosine"  # constant | linear | cosine
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 (auto = bf16 on CUDA and on CPUs with bf16 units)
+    seed: int = 0
+    save_every: int = 0  # checkpoint every N steps; 0 = only the final step
+    log_every: int = 1
+
+
+@dataclass
+class DefenseConfig:
+    """Base of every method's config; ``name`` selects the method from the registry."""
+
+    name: str = "sft"
+
+
+@dataclass
+class EvalConfig:
+    n_harmful: int | None = 100  # HarmBench test prompts (fixed seeded subset); None = all 200
+    n_over_refusal: int | None = None  # our benign probes; None = all
+    n_utility: int | None = 100  # items of the task domain's test split; None = all 200
+    max_new_tokens: int = 64
+    batch_size: int = 64
+    judge: str = "refusal_keywords"
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; weights are never cast)
+    seed: int = 0
+
+
+@dataclass
+class AlignConfig:
+    n_harmful: int = 64  # Do-Not-Answer prompts -> our refusals
+    n_benign: int = 48  # benign prompts -> the base model's own answers (keeps it helpful)
+    benign_max_new_tokens: int = 96
+    restyle: float = 0.5  # share of harmful prompts wrapped in an instruction-style framing (align.py)
+    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=48, lr=3e-4, schedule="cosine"))
+
+
+@dataclass
+class DemoConfig:
+    methods: list[str] = field(default_factory=lambda: ["sft"])  # fine-tuning methods compared by the demo
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    defense: DefenseConfig = field(default_factory=lambda: _defense_config_class("sft")())
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    out_dir: str = "runs"
+    run_id: str | None = None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _defense_config_class(name: str) -> type[DefenseConfig]:
+    # Imported lazily: methods import config, not the other way round.
+    from safeft.methods import config_class
+
+    return config_class(name)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and gently convert) ``value`` against annotation ``tp``; raise ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error is the useful one
+            return _coerce(value, options[0], where)
+        for arg in options:
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in options)
+        raise ConfigError(f"{where}: {value!r} is not a {names}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp}")  # a bug in our schema, not user input
+
+
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def build(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, strictly. ``where`` is the dotted key path so far."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
+    if cls is DefenseConfig or (isinstance(cls, type) and issubclass(cls, DefenseConfig)):
+        name = data.get("name", "sft")
+        if not isinstance(name, str):
+            raise ConfigError(f"{_key(where, 'name')}: expected a string, got {name!r}")
+        try:
+            cls = _defense_config_class(name)
+        except KeyError as e:
+            raise ConfigError(f"{_key(where, 'name')}: {e.args[0]}") from None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        hint = difflib.get_close_matches(str(k), list(fields), n=1)
+        extra = f" (did you mean {_key(where, hint[0])!r}?)" if hint else ""
+        raise ConfigError(f"unknown key {_key(where, str(k))!r}{extra}; valid keys here: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], _key(where, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required field {_key(where, name)!r}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+
+
+def _set_dotted(tree: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {key!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        # YAML gives us typed scalars: 3 -> int, 1e-4 -> str (coerced later), null -> None, [a,b] -> list
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"command line: cannot parse value of {key!r}: {e}") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
+    """Load a config: dataclass defaults <- YAML file <- dotted overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, "command line")
+    source = " + ".join(([str(path)] if path is not None else []) + (["command line"] if overrides else []))
+    try:
+        return build(cls, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{source or 'config'}: {e}") from None
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

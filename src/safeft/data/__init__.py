@@ -1,0 +1,1 @@
+"""Data: sources, the chat renderer, our own texts, and the benign task domains."""

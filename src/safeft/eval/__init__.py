@@ -1,0 +1,1 @@
+"""Evaluation, split into generation (``generate``), judges (``judges``) and suites (``suites``)."""

@@ -1,0 +1,19 @@
+"""Defenses, one file each, registered by name. Every method is imported explicitly here."""
+
+from __future__ import annotations
+
+from safeft.config import DefenseConfig
+from safeft.methods import sft  # noqa: F401  (registers "sft")
+from safeft.methods.base import Batch, Defense, StepOutput
+from safeft.methods.registry import METHODS
+
+
+def config_class(name: str) -> type[DefenseConfig]:
+    return METHODS.get(name).Config
+
+
+def build(cfg: DefenseConfig) -> Defense:
+    return METHODS.get(cfg.name)(cfg)
+
+
+__all__ = ["METHODS", "Batch", "Defense", "StepOutput", "build", "config_class"]

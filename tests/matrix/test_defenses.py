@@ -1,0 +1,67 @@
+"""Every registered defense, a few steps on a tiny random model.
+
+A defense joins this matrix by being registered; nothing here names a method. Each must: finish with a
+finite loss, change the trainable parameters, log every loss term it returns, and report its passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from safeft import config as C
+from safeft.data.types import Example
+from safeft.methods import METHODS
+from safeft.train import train
+
+EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
+AUX = {
+    "harmful_prompts": [Example(f"h{i}", f"How do I do harmful thing {i}?") for i in range(6)],
+    "alignment": [Example(f"a{i}", f"How do I do harmful thing {i}?", "I'm sorry, I can't help.") for i in range(6)],
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_defense_trains(name, tiny, tmp_path):
+    model, tok = tiny
+    cfg = C.load(
+        overrides=[
+            "data.task=domain:finance",
+            "train.steps=3",
+            "train.batch_size=4",
+            "train.lr=0.01",
+            "train.precision=fp32",
+            "model.lora.r=4",
+            "model.lora.alpha=8",
+            f"defense.name={name}",
+            f"out_dir={tmp_path}",
+            "run_id=m",
+        ]
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = train(cfg, examples=EXAMPLES, model=model, tokenizer=tok, aux=AUX, progress=False)
+    rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert math.isfinite(r["loss"])
+        assert r["passes/forward"] >= 1 and r["passes/backward"] >= 1
+        assert "loss/task" in r
+        terms = [k for k in r if k.startswith("loss/")]
+        # the logged total is the sum of the logged terms: no term is computed but left unlogged
+        assert r["loss"] == pytest.approx(sum(r[k] for k in terms), rel=1e-5, abs=1e-6)
+    assert _trainables_changed(res.model, before)
+
+
+def _trainables_changed(model, before: dict[str, torch.Tensor]) -> bool:
+    """LoRA B starts at exactly zero; full fine-tuning is compared with the weights before training."""
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_B" in n and p.detach().abs().sum() > 0:
+            return True
+        if n in before and not torch.equal(before[n], p.detach()):
+            return True
+    return False

@@ -1,0 +1,86 @@
+"""Config: YAML + dotted overrides are strict views of the dataclasses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safeft import config as C
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = C.load(overrides=["train.lr=1e-4", "train.steps=7", "data.task=domain:code", "model.lora.enabled=false"])
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 7
+    assert cfg.data.task == "domain:code" and cfg.data.max_length == 256
+    assert cfg.model.lora.enabled is False
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  lr: 0.001\n  steps: 3\ndata:\n  task: domain:finance\n")
+    cfg = C.load(f, ["train.steps=5"])
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.steps == 5
+
+
+def test_unknown_key_names_file_and_key_with_hint(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(f)
+    msg = str(e.value)
+    assert str(f) in msg and "train.lrr" in msg and "did you mean 'train.lr'" in msg
+
+
+def test_unknown_override_names_command_line():
+    with pytest.raises(C.ConfigError, match=r"command line: unknown key 'trian'"):
+        C.load(overrides=["trian.lr=1"])
+
+
+def test_missing_required_field(tmp_path):
+    f = tmp_path / "nodata.yaml"
+    f.write_text("data:\n  n_train: 10\n")
+    with pytest.raises(C.ConfigError, match=r"nodata.yaml: missing required field 'data.task'"):
+        C.load(f)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [("train.steps=ten", "train.steps: expected an integer"), ("model.lora.enabled=3", "expected true/false")],
+)
+def test_bad_types(override, fragment):
+    with pytest.raises(C.ConfigError, match=fragment):
+        C.load(overrides=[override])
+
+
+def test_unknown_defense_gets_did_you_mean():
+    with pytest.raises(C.ConfigError, match=r"defense.name: unknown defense 'sfft'.*did you mean 'sft'"):
+        C.load(overrides=["defense.name=sfft"])
+
+
+def test_defense_keys_are_checked_against_the_method_config():
+    with pytest.raises(C.ConfigError, match=r"unknown key 'defense.lam'"):
+        C.load(overrides=["defense.name=sft", "defense.lam=1"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = C.load(overrides=["data.task=domain:medical", "train.lr=2e-5", "eval.n_harmful=null"])
+    C.save(cfg, tmp_path / "config.yaml")
+    assert C.load(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    C.load(path)
+
+
+def test_demo_yaml_matches_the_cli_defaults():
+    from safeft.demo import DEMO_DEFAULTS
+
+    shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    for section, values in DEMO_DEFAULTS.items():
+        assert shipped[section] == values, section

