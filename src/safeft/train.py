@@ -31,6 +31,7 @@ from torch import nn
 from safeft import config as C
 from safeft import methods, models
 from safeft import precision as P
+from safeft.data.aux import SERVICES, build_aux
 from safeft.data.chat import Rendered, collate, render
 from safeft.data.types import Example
 
@@ -117,6 +118,15 @@ class RunContext:
         """A counted backward pass, scaled for gradient accumulation."""
         self.passes["backward"] += 1
         self.accelerator.backward(loss / self.cfg.train.grad_accum, **kw)
+
+    def grad(self, loss: torch.Tensor, inputs, **kw: Any) -> tuple[torch.Tensor, ...]:
+        """A counted backward pass that returns gradients instead of accumulating them into ``.grad``.
+
+        For auxiliary gradients (an adversarial perturbation, a probe direction) that must never reach the
+        optimizer. Not scaled for gradient accumulation: callers use these as directions.
+        """
+        self.passes["backward"] += 1
+        return torch.autograd.grad(loss, inputs, **kw)
 
     def reference(self) -> AbstractContextManager[nn.Module]:
         return models.reference(self.accelerator.unwrap_model(self.model))
@@ -313,6 +323,10 @@ def train(
         raise C.ConfigError("train.steps, train.batch_size and train.grad_accum must be >= 1")
     defense = methods.build(cfg.defense)
     examples = examples if examples is not None else _load_task_examples(cfg)
+    # Aux data the defense declares and the caller did not pass in (the CLI path) comes from the splits.
+    aux = dict(aux or {})
+    missing_aux = [n for n in defense.needs if n not in aux and n not in SERVICES]
+    aux.update(build_aux(missing_aux, seed=cfg.train.seed))
     run_dir = Path(run_dir) if run_dir else make_run_dir(cfg)
     _check_same_config(run_dir, cfg)
     if model is None:
@@ -336,7 +350,7 @@ def train(
     scheduler = _schedule(optimizer, tc)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    ctx = RunContext(accelerator, model, tokenizer, cfg, run_dir, aux=dict(aux or {}))
+    ctx = RunContext(accelerator, model, tokenizer, cfg, run_dir, aux=aux)
     task = Stream(rows, tc.batch_size, tc.seed, "task")
     metrics_path = run_dir / "metrics.jsonl"
     done = checkpoints(run_dir) if resume else []
