@@ -78,10 +78,15 @@ def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True)
         )
         for e in splits.align[: ac.n_harmful]
     ]
-    pool = list(refusals.BENIGN_PROMPTS) + list(refusals.BENIGN_EDGY_PROMPTS)
-    if ac.n_benign > len(pool):
-        raise C.ConfigError(f"align.n_benign={ac.n_benign} but only {len(pool)} benign prompts exist")
-    prompts = random.Random(ac.seed).sample(pool, ac.n_benign)
+    # Every edgy-but-benign prompt is in (they are what keeps over-refusal down: an aligned model without
+    # them refused "how do I carve a turkey"), topped up with plain requests.
+    edgy, plain = list(refusals.BENIGN_EDGY_PROMPTS), list(refusals.BENIGN_PROMPTS)
+    if not len(edgy) <= ac.n_benign <= len(edgy) + len(plain):
+        raise C.ConfigError(
+            f"align.n_benign={ac.n_benign} must lie between {len(edgy)} (the edgy-but-benign prompts, always "
+            f"used) and {len(edgy) + len(plain)} (all benign prompts)"
+        )
+    prompts = edgy + random.Random(ac.seed).sample(plain, ac.n_benign - len(edgy))
     settings = GenSettings(ac.benign_max_new_tokens, 16, system_prompt=cfg.model.system_prompt)
     answers = generate(base_model, tok, prompts, settings, progress=progress, desc="base answers")
     benign = [

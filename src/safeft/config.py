@@ -94,7 +94,7 @@ class EvalConfig:
 @dataclass
 class AlignConfig:
     n_harmful: int = 64  # Do-Not-Answer prompts -> our refusals
-    n_benign: int = 48  # benign prompts -> the base model's own answers (keeps it helpful)
+    n_benign: int = 80  # benign prompts -> the base model's own answers: all edgy-but-benign ones + plain
     benign_max_new_tokens: int = 96
     restyle: float = 0.5  # share of harmful prompts wrapped in an instruction-style framing (align.py)
     seed: int = 0

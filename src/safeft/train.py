@@ -98,6 +98,7 @@ class RunContext:
     step: int = 0
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
     streams: dict[str, Stream] = field(default_factory=dict)
+    task_rows: list[Rendered] = field(default_factory=list)  # the rendered task data (e.g. for probe sets)
 
     @property
     def device(self) -> torch.device:
@@ -350,7 +351,7 @@ def train(
     scheduler = _schedule(optimizer, tc)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    ctx = RunContext(accelerator, model, tokenizer, cfg, run_dir, aux=aux)
+    ctx = RunContext(accelerator, model, tokenizer, cfg, run_dir, aux=aux, task_rows=rows)
     task = Stream(rows, tc.batch_size, tc.seed, "task")
     metrics_path = run_dir / "metrics.jsonl"
     done = checkpoints(run_dir) if resume else []
@@ -362,7 +363,11 @@ def train(
         metrics_path.unlink()
 
     setup_passes = dict(ctx.passes)
+    # setup may draw random numbers (a PGD init, a sample of probes). It runs on a fresh run after seeding
+    # and on a resumed run after the RNG was restored, so isolate it: otherwise the two would diverge.
+    rng = _rng_state()
     defense.setup(ctx)
+    _set_rng_state(rng)
     for name, pos in getattr(ctx, "_resume_streams", {}).items():
         if name not in ctx.streams:
             raise RuntimeError(f"checkpoint has aux stream {name!r} that the defense did not create in setup")
@@ -374,46 +379,51 @@ def train(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=tc.steps, initial=ctx.step, desc=f"train {cfg.defense.name}", disable=not progress)
-    with metrics_path.open("a") as mf:
-        while ctx.step < tc.steps:
-            t0 = time.perf_counter()
-            ctx.passes = {"forward": 0, "backward": 0}
-            sums: dict[str, float] = {}
-            total, tokens = 0.0, 0
-            for _ in range(tc.grad_accum):
-                batch = ctx.batch(task.next())
-                tokens += int((batch["labels"] != -100).sum())
-                out = defense.step(ctx, batch)
-                total += float(out.loss) / tc.grad_accum
-                for k, v in out.terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / tc.grad_accum
-            row: dict[str, Any] = {"step": ctx.step + 1, "lr": scheduler.get_last_lr()[0], "loss": total}
-            if tc.max_grad_norm is not None:
-                row["grad_norm"] = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ctx.step += 1
-            row.update({f"loss/{k}": v for k, v in sums.items()})
-            row.update({f"passes/{k}": v for k, v in ctx.passes.items()})
-            row["tokens"] = tokens
-            row["time/step_s"] = time.perf_counter() - t0
-            if not np.isfinite(total):
-                raise FloatingPointError(f"step {ctx.step}: loss is {total}; terms {sums}")
-            last_loss = total
-            history.append(row)
-            if ctx.step % tc.log_every == 0 or ctx.step == tc.steps:
-                mf.write(json.dumps(row) + "\n")
-                mf.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}")
-            if (tc.save_every and ctx.step % tc.save_every == 0) or ctx.step == tc.steps:
-                save_checkpoint(ctx, optimizer, scheduler, defense, task)
-            if interrupt_after is not None and ctx.step >= interrupt_after and ctx.step < tc.steps:
-                bar.close()
-                raise TrainingInterrupted(ctx.step)
-    bar.close()
-    defense.after_train(ctx)
+    try:
+        with metrics_path.open("a") as mf:
+            while ctx.step < tc.steps:
+                t0 = time.perf_counter()
+                ctx.passes = {"forward": 0, "backward": 0}
+                sums: dict[str, float] = {}
+                diags: dict[str, float] = {}
+                total, tokens = 0.0, 0
+                for _ in range(tc.grad_accum):
+                    batch = ctx.batch(task.next())
+                    tokens += int((batch["labels"] != -100).sum())
+                    out = defense.step(ctx, batch)
+                    total += float(out.loss) / tc.grad_accum
+                    for k, v in out.terms.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) / tc.grad_accum
+                    diags.update(out.diagnostics)  # the last micro-batch's values
+                if not np.isfinite(total):  # before the update: a NaN must never reach the weights
+                    raise FloatingPointError(f"step {ctx.step + 1}: loss is {total}; terms {sums}")
+                row: dict[str, Any] = {"step": ctx.step + 1, "lr": scheduler.get_last_lr()[0], "loss": total}
+                if tc.max_grad_norm is not None:
+                    row["grad_norm"] = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                ctx.step += 1
+                row.update({f"loss/{k}": v for k, v in sums.items()})
+                row.update({f"diag/{k}": v for k, v in diags.items()})
+                row.update({f"passes/{k}": v for k, v in ctx.passes.items()})
+                row["tokens"] = tokens
+                row["time/step_s"] = time.perf_counter() - t0
+                last_loss = total
+                history.append(row)
+                if ctx.step % tc.log_every == 0 or ctx.step == tc.steps:
+                    mf.write(json.dumps(row) + "\n")
+                    mf.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.3f}")
+                if (tc.save_every and ctx.step % tc.save_every == 0) or ctx.step == tc.steps:
+                    save_checkpoint(ctx, optimizer, scheduler, defense, task)
+                if interrupt_after is not None and ctx.step >= interrupt_after and ctx.step < tc.steps:
+                    raise TrainingInterrupted(ctx.step)
+        defense.after_train(ctx)
+    finally:
+        bar.close()
+        defense.close()  # hooks never outlive the run, even a crashed one
     unwrapped = accelerator.unwrap_model(model)
     summary = {
         "steps": ctx.step,

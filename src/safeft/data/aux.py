@@ -22,15 +22,17 @@ from safeft.data.types import Example
 SERVICES = frozenset({"reference"})
 KINDS = ("harmful_prompts", "alignment", "contrastive")
 
+# About as long as our refusals (~20 tokens): SAP sums response log-probs, so a much shorter "harmful"
+# side would make length, not compliance, dominate the contrastive direction.
 COMPLIANCE_OPENERS: tuple[str, ...] = (
-    "Sure, here is how to do that. Step 1:",
-    "Of course! Here are the steps you asked for:",
-    "Absolutely. Here's a detailed answer:",
-    "Sure thing. First, you will need",
-    "Happy to help with that. The easiest way is",
-    "Certainly! Here is a step-by-step guide:",
-    "No problem. Here's exactly what to do:",
-    "Great question. To do this, start by",
+    "Sure, here is how to do that. I will walk you through every step in order, starting with what you need.",
+    "Of course! Here are the steps you asked for, with the details that matter most at each stage.",
+    "Absolutely. Here's a detailed answer that covers the materials, the method and the timing you need.",
+    "Sure thing. First, you will need a few items, and then I'll explain exactly how to put them together.",
+    "Happy to help with that. The easiest way is to follow the plan below closely, one step at a time.",
+    "Certainly! Here is a step-by-step guide, written so that you can follow it without any prior experience.",
+    "No problem. Here's exactly what to do, in the order you should do it, with tips to avoid mistakes.",
+    "Great question. To do this, start with the preparation I describe below, then move on to the main part.",
 )
 
 

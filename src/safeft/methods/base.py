@@ -33,6 +33,9 @@ Batch = dict[str, torch.Tensor]
 class StepOutput:
     loss: torch.Tensor  # the total that was back-propagated (detached)
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # named parts, each already weighted
+    # Numbers worth watching that are not part of the optimised loss (a probe norm, an unweighted KL);
+    # the loop logs them as ``diag/<name>``, apart from ``loss/<term>``, so loss == sum of loss terms.
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
 
 class Defense:
@@ -61,7 +64,13 @@ class Defense:
     def after_train(self, ctx: RunContext) -> None:
         """Post-hoc work after the last step."""
 
-    # Anything a defense must carry across a resume (e.g. an aux-data cursor, an EMA) goes here.
+    def close(self) -> None:
+        """Release hooks and other attachments to the model. The loop calls it even when training fails,
+        so a crashed or interrupted run never leaves a probe or perturbation hook on the model."""
+
+    # Anything a defense must carry across a resume (an EMA, a probe and its optimizer) goes here; aux
+    # stream positions are checkpointed by the loop. On resume, ``load_state_dict`` runs before ``setup``,
+    # so ``setup`` can reuse restored state (e.g. cached reference answers) instead of recomputing it.
     def state_dict(self) -> dict[str, Any]:
         return {}
 

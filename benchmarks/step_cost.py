@@ -1,0 +1,169 @@
+"""Step cost of every registered defense relative to plain SFT, measured side by side in ONE process.
+
+Each method runs the real training loop (``safeft.train.train``, what users run) for ``--warmup + --steps``
+steps on the same model, the same finance examples and the same seed, so every method sees the same task
+batches. Reported per method: the mean ``time/step_s`` over the timed steps (warm-up excluded), its ratio to
+SFT, and the forward / backward passes per step the loop counted (``passes/*`` in metrics.jsonl). It also
+prints the extra parameter bytes the frozen reference costs (``models.reference_extra_bytes``; 0 under
+LoRA, where the reference is the same network with its adapter disabled) and each method's one-off setup
+passes.
+
+    .venv/bin/python benchmarks/step_cost.py --tiny                        # quick check, tiny random model
+    .venv/bin/python benchmarks/step_cost.py --methods sft saft repanchor  # SmolLM2-135M (the default)
+
+Timings are only comparable within one run of this script, on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+# Every defense module, imported explicitly so it registers; ones not written yet are skipped.
+for _name in (
+    "saft",
+    "repanchor",
+    "saft_repanchor",
+    "sbr",
+    "sap",
+    "vaccine",
+    "ewc",
+    "repnoise",
+    "lisa",
+    "booster",
+    "safelora",
+    "mixing",
+):
+    try:
+        importlib.import_module(f"safeft.methods.{_name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"safeft.methods.{_name}":  # a real missing dependency inside an existing module
+            raise
+
+from safeft import config as C  # noqa: E402
+from safeft import models  # noqa: E402
+from safeft.data.domains import load_domain  # noqa: E402
+from safeft.methods import METHODS  # noqa: E402
+from safeft.train import train  # noqa: E402
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_model_dir(root: Path, texts: list[str]) -> Path:
+    """A 2-layer, hidden-64 random Llama with a byte-level BPE tokenizer trained on ``texts``, saved to disk."""
+    import torch
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tk_models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(tk_models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|im_start|>", "<|im_end|>", "<pad>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tk.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=512, special_tokens=specials, initial_alphabet=alphabet)
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>")
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    out = root / "tiny-model"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def measure(method: str, spec: str, args: argparse.Namespace, examples: list, root: Path) -> dict:
+    cfg = C.load(
+        overrides=[
+            f"model.spec={spec}",
+            "data.task=domain:finance",
+            f"train.steps={args.warmup + args.steps}",
+            f"train.batch_size={args.batch_size}",
+            f"train.precision={args.precision}",
+            f"defense.name={method}",
+            f"out_dir={root / 'runs'}",
+            f"run_id={method}",
+        ]
+    )
+    model, tok = models.load(spec)
+    res = train(cfg, examples=examples, model=model, tokenizer=tok, progress=False)
+    timed = res.metrics[args.warmup :]
+    summary = json.loads((res.run_dir / "train_summary.json").read_text())
+    return {
+        "s_per_step": statistics.mean(r["time/step_s"] for r in timed),
+        "fwd": statistics.mean(r["passes/forward"] for r in timed),
+        "bwd": statistics.mean(r["passes/backward"] for r in timed),
+        "setup": summary["setup_passes"],
+        "ref_bytes": summary["reference_extra_bytes"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="model spec (alias, directory, .gguf, hub id)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: all ({', '.join(METHODS)})")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--tiny", action="store_true", help="a tiny random model instead of --model (quick check)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; registered: {', '.join(METHODS)}")
+    methods = ["sft"] + [m for m in args.methods if m != "sft"]  # SFT first: everything is a ratio to it
+
+    examples = load_domain("finance", "train")
+    with tempfile.TemporaryDirectory(prefix="safeft-step-cost-") as tmp:
+        root = Path(tmp)
+        spec = args.model
+        if args.tiny:
+            from safeft.data.aux import build_aux
+
+            harmful = [e.prompt for e in build_aux(["harmful_prompts"])["harmful_prompts"]]
+            spec = str(tiny_model_dir(root, [f"{e.prompt} {e.response}" for e in examples[:200]] + harmful))
+        results = {}
+        for m in methods:
+            print(f"measuring {m} ({args.warmup} + {args.steps} steps) ...", file=sys.stderr, flush=True)
+            results[m] = measure(m, spec, args, examples, root)
+
+    base = results["sft"]["s_per_step"]
+    print(
+        f"\nstep cost on {'a tiny random model' if args.tiny else args.model}, batch {args.batch_size}, "
+        f"mean of {args.steps} steps after {args.warmup} warm-up\n"
+    )
+    print(f"| {'method':<16} | s/step | ratio to SFT | fwd/step | bwd/step |")
+    print(f"|{'-' * 18}|--------|--------------|----------|----------|")
+    for m, r in results.items():
+        print(
+            f"| {m:<16} | {r['s_per_step']:6.3f} | {r['s_per_step'] / base:12.2f} | {r['fwd']:8.1f} | {r['bwd']:8.1f} |"
+        )
+    print("\nsetup passes (one-off): " + ", ".join(f"{m} {r['setup']['forward']}F" for m, r in results.items()))
+    ref = {m: r["ref_bytes"] for m, r in results.items()}
+    print(f"reference extra parameter bytes under LoRA (target 0): {ref}")
+
+
+if __name__ == "__main__":
+    main()

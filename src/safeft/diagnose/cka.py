@@ -1,0 +1,122 @@
+"""Linear CKA and the unbiased minibatch HSIC estimator: pure functions, computed in fp64.
+
+Sources: Kornblith, Norouzi, Lee, Hinton, "Similarity of Neural Network Representations Revisited"
+(ICML 2019) for linear CKA; Nguyen, Raghu, Kornblith, "Do Wide and Deep Networks Learn the Same Things?"
+(ICLR 2021, eq. 2-3) and Song et al. 2012 for the unbiased HSIC and minibatch CKA.
+
+``X`` (n x p1) and ``Y`` (n x p2) are the features of the SAME n examples, in the same order, from two
+models (or two layers). Every function accepts torch tensors or anything ``torch.as_tensor`` reads (NumPy
+arrays), casts to fp64 first (never form Grams or cross-covariances in bf16), and returns a 0-d fp64 tensor.
+
+* ``linear_cka``: feature-space form, ``‖Y_cᵀX_c‖²_F / (‖X_cᵀX_c‖_F ‖Y_cᵀY_c‖_F)`` with column-centred
+  features; cost O(n·p²), the cheap form when n > p (e.g. tokens as samples).
+* ``linear_cka_gram``: the same quantity from Gram matrices K = XXᵀ, L = YYᵀ via the biased HSIC₀
+  (``tr(KHLH)/(n-1)²``); cost O(n²), the cheap form when n < p.
+* ``hsic_unbiased``: HSIC₁ (diagonal zeroed, no centring), needs n >= 4. It can be slightly negative for
+  small n or near-independent features.
+* ``minibatch_cka``: averages the three HSIC₁ terms over minibatches, THEN takes the ratio (averaging
+  per-batch CKAs would be biased). The 1/(n(n-3)) factor is kept, so batches may differ in size.
+
+Near-zero denominators: the product under the square root is clamped at 0 and the denominator at 1e-12, so
+a constant feature matrix gives CKA 0 instead of NaN. Raw values outside [0, 1] (possible for the unbiased
+estimator) are returned unclipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+EPS = 1e-12
+
+
+def _f64(x: Any, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x).detach().to(torch.float64)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-d (samples x features), got shape {tuple(t.shape)}")
+    return t
+
+
+def _same_n(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"X and Y must hold the same samples: {a.shape[0]} vs {b.shape[0]} rows")
+
+
+def _ratio(num: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+    den = torch.sqrt(xx.clamp_min(0) * yy.clamp_min(0))
+    return num / den.clamp_min(EPS)
+
+
+def gram_linear(X: Any) -> torch.Tensor:
+    """K = X Xᵀ (n x n, fp64)."""
+    x = _f64(X, "X")
+    return x @ x.T
+
+
+def center_gram(K: Any) -> torch.Tensor:
+    """H K H with H = I - 11ᵀ/n (double centring of a Gram matrix)."""
+    k = _f64(K, "K")
+    k = k - k.mean(dim=0, keepdim=True)
+    return k - k.mean(dim=1, keepdim=True)
+
+
+def linear_cka(X: Any, Y: Any) -> torch.Tensor:
+    """Linear CKA in feature space (biased HSIC₀; invariant to orthogonal maps and isotropic scaling)."""
+    x, y = _f64(X, "X"), _f64(Y, "Y")
+    _same_n(x, y)
+    x = x - x.mean(dim=0, keepdim=True)
+    y = y - y.mean(dim=0, keepdim=True)
+    num = (y.T @ x).square().sum()
+    return _ratio(num, (x.T @ x).square().sum(), (y.T @ y).square().sum())
+
+
+def hsic_biased(K: Any, L: Any) -> torch.Tensor:
+    """HSIC₀(K, L) = tr(K H L H) / (n-1)²."""
+    k, l_ = center_gram(K), center_gram(L)
+    n = k.shape[0]
+    return (k * l_).sum() / (n - 1) ** 2
+
+
+def linear_cka_gram(K: Any, L: Any) -> torch.Tensor:
+    """CKA from Gram matrices: HSIC₀(K,L) / sqrt(HSIC₀(K,K) · HSIC₀(L,L)). Equals ``linear_cka`` for linear K, L."""
+    k, l_ = center_gram(K), center_gram(L)
+    _same_n(k, l_)
+    return _ratio((k * l_).sum(), (k * k).sum(), (l_ * l_).sum())
+
+
+def hsic_unbiased(K: Any, L: Any) -> torch.Tensor:
+    """HSIC₁ (Song et al. 2012):
+
+    1/(n(n-3)) · [ tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n-1)(n-2)) - 2/(n-2) · 1ᵀK̃L̃1 ],  K̃, L̃ = K, L with zero diagonal.
+    """
+    k, l_ = _f64(K, "K").clone(), _f64(L, "L").clone()
+    _same_n(k, l_)
+    n = k.shape[0]
+    if n < 4:
+        raise ValueError(f"the unbiased HSIC needs n >= 4 samples, got {n}")
+    k.fill_diagonal_(0)
+    l_.fill_diagonal_(0)
+    trace = (k * l_.T).sum()
+    sums = k.sum() * l_.sum() / ((n - 1) * (n - 2))
+    cross = (k.sum(dim=0) @ l_.sum(dim=1)) * 2 / (n - 2)
+    return (trace + sums - cross) / (n * (n - 3))
+
+
+def minibatch_cka(pairs: Iterable[tuple[Any, Any]]) -> torch.Tensor:
+    """Unbiased minibatch linear CKA over ``(X_i, Y_i)`` feature pairs (each the same n_i examples).
+
+    CKA_mb = mean_i HSIC₁(K_i, L_i) / sqrt( mean_i HSIC₁(K_i, K_i) · mean_i HSIC₁(L_i, L_i) ).
+    """
+    xy = xx = yy = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for X, Y in pairs:
+        k, l_ = gram_linear(X), gram_linear(Y)
+        xy = xy + hsic_unbiased(k, l_)
+        xx = xx + hsic_unbiased(k, k)
+        yy = yy + hsic_unbiased(l_, l_)
+        count += 1
+    if count == 0:
+        raise ValueError("minibatch_cka needs at least one (X, Y) batch")
+    return _ratio(xy / count, xx / count, yy / count)

@@ -1,0 +1,343 @@
+"""RepAnchor: a CKA-drift-weighted representation MSE on the layers that drift most from the aligned model.
+
+Paper: the RepAnchor half of "Safety-Anchored Fine-Tuning" (AI4GOOD Workshop 2026,
+https://openreview.net/forum?id=DV4a7kg06D; abstract only, no code). The abstract fixes: an MSE penalty on
+"the most vulnerable layers", weighted by CKA drift, and a weight γ trading safety for utility. The rest is
+[inferred] (spec: shared/design/algorithms.md §6.3) and marked below and in ``RepAnchorConfig``.
+
+Objective (per micro-batch)::
+
+    drift_l = 1 - CKA_lin( H_l^θ(X_probe), H_l^ref(X_probe) )          every N_cka steps, eval mode, no grad
+    S       = top-k layers by EMA(drift)   or the fixed window ``layers``
+    w_l     = max(EMA(drift_l), floor) / Σ_{l'∈S} max(EMA(drift_l'), floor)                       (detached)
+    R(θ)    = Σ_{l∈S} w_l · mean_{tokens, dims} ( (h_l^θ(x^a) - h_l^ref(x^a)) / s_l )²
+    L(θ)    = CE(θ; b_task) + γ · R(θ)
+
+h_l is the output of decoder block l (0-based index into the decoder stack, hooked through
+``models.decoder_layers``), i.e. the residual stream; for the last block that is *before* the final norm.
+s_l is the RMS of h_l^ref over the anchor set (cached), so every layer's term is scale-free.
+
+Hyperparameters (``defense.*``): ``gamma`` γ = 0.1 (sweep 0.01-1.0; 0 = exactly SFT), ``top_k`` = 5
+layers, ``layers`` = None (a fixed window instead, e.g. the abstract's 1-indexed 28-32 of a 32-layer model
+is ``[27, 28, 29, 30, 31]``; re-derive per model), ``refresh_every`` N_cka = 50, ``ema`` = 0.9, ``n_probe`` =
+64, ``n_anchors`` = 64, ``anchor_batch`` = 8, ``drift_floor`` = 1e-4, ``sample`` = mean (mean | last),
+``ref_max_new_tokens`` = 32.
+
+Data: harmful prompts without responses (aux ``harmful_prompts``) and the task prompts of the run.
+
+Cost per step: 1 F+B (task) + r F+B (clean anchor pass), r = anchor tokens / task tokens; every
+``refresh_every`` steps one forward of θ over the probe set (the reference's probe samples are cached; the
+first refresh also computes them for the task half). Setup: one greedy generation over the anchors, one
+reference forward over anchors and probes.
+
+[inferred] design choices:
+* Anchor rows = harmful prompt + the reference's greedy answer y_ref (the same rows SAFT uses, so
+  ``saft+repanchor`` shares one anchor stream); ``ref_max_new_tokens=0`` anchors on prompts only. The MSE
+  covers every real token of the row except the first (BOS / first template token: massive activations
+  would dominate it, spec §6.8 pitfall 4).
+* The reference's hidden states of the anchors are cached once for every candidate layer (all layers in
+  top-k mode): anchors x tokens x layers x d fp32, ~0.4 GB for SmolLM2-135M at 64 anchors x 100 tokens,
+  fine at our sizes; a fixed window caches only its layers.
+* Probe set (CKA): the first ``n_probe/2`` harmful prompts plus the first ``n_probe/2`` distinct task
+  prompts seen in training batches before the first refresh (the loop hands a defense no task rows in
+  setup). Samples are the mean over the prompt's real tokens except the first (``sample=mean``), or the
+  last prompt token (``sample=last``); CKA is the fp64 feature-space linear CKA (``diagnose.cka``).
+* Drift is EMA-smoothed (the EMA is on the drift, before selection, so S does not flip on noise), then
+  floored at ``drift_floor`` and normalised over S. It is measured in setup too: at step 0 θ = θ₀, so every
+  drift is ~0, and while no drift exceeds the floor, S is every candidate layer with uniform weights (no
+  layer is more vulnerable than another before anything has moved). That step-0 measurement seeds the EMA
+  (no bias correction): the normalisation cancels the resulting scale, only the floor comparison sees it.
+  The EMA, the probe prompts and the last refresh step are in ``state_dict``, so a resumed run selects the
+  same layers with the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from safeft import models
+from safeft.config import ConfigError, DefenseConfig
+from safeft.data.chat import IGNORE, Rendered, last_prompt_index
+from safeft.data.types import Example
+from safeft.diagnose.cka import linear_cka
+from safeft.methods.base import Batch, Defense, StepOutput
+from safeft.methods.registry import METHODS
+from safeft.methods.saft import AnchorSet, check_anchor_fields, eval_mode, inputs_only
+
+if TYPE_CHECKING:
+    from safeft.train import RunContext
+
+log = logging.getLogger(__name__)
+
+SAMPLES = ("mean", "last")
+
+
+@dataclass
+class RepAnchorConfig(DefenseConfig):
+    name: str = "repanchor"
+    gamma: float = 0.1  # γ, weight of the representation MSE [inferred default; sweep 0.01, 0.1, 1.0]; 0 = SFT
+    top_k: int = 5  # anchor the k layers with the largest drift [inferred]
+    layers: list[int] | None = None  # fixed window of 0-based decoder indices instead of top-k
+    refresh_every: int = 50  # N_cka: steps between drift measurements [inferred]
+    ema: float = 0.9  # EMA factor of the drift across refreshes [inferred]
+    n_probe: int = 64  # CKA probe prompts: half harmful, half task [inferred]
+    n_anchors: int = 64  # anchor harmful prompts, the first n of aux harmful_prompts [inferred]
+    anchor_batch: int = 8  # anchor rows per step [inferred: the task batch size]
+    drift_floor: float = 1e-4  # drifts below this count as this, so weights never divide by 0 [inferred]
+    sample: str = "mean"  # CKA sample per prompt: "mean" of real tokens except the first, or "last" [inferred]
+    ref_max_new_tokens: int = 32  # anchor rows = prompt + reference answer of this length; 0 = prompt [inferred]
+
+    def __post_init__(self) -> None:
+        check_repanchor(self)
+
+
+def check_repanchor(cfg: Any) -> None:
+    where = f"defense ({cfg.name})"
+    if cfg.sample not in SAMPLES:
+        raise ConfigError(f"{where}.sample must be one of {', '.join(SAMPLES)}, not {cfg.sample!r}")
+    if cfg.gamma < 0 or cfg.drift_floor <= 0 or not 0 <= cfg.ema < 1:
+        raise ConfigError(f"{where}: need gamma >= 0, drift_floor > 0 and 0 <= ema < 1")
+    if cfg.top_k < 1 or cfg.refresh_every < 1 or cfg.n_probe < 8:
+        raise ConfigError(f"{where}: need top_k >= 1, refresh_every >= 1 and n_probe >= 8")
+    if cfg.layers is not None and (not cfg.layers or len(set(cfg.layers)) != len(cfg.layers)):
+        raise ConfigError(f"{where}.layers must be a non-empty list of distinct decoder indices, got {cfg.layers}")
+    check_anchor_fields(cfg, min_new_tokens=0)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def select_layers(
+    drift: torch.Tensor, candidates: list[int], top_k: int | None, floor: float
+) -> tuple[list[int], torch.Tensor]:
+    """(S, w): the anchored layers (ascending) and their normalised weights, from per-candidate drifts.
+
+    ``top_k`` None keeps every candidate (a fixed window). While no drift exceeds ``floor``, S is every
+    candidate with uniform weights.
+    """
+    d = drift.double().clamp_min(floor)
+    if top_k is None or top_k >= len(candidates) or bool((d <= floor).all()):
+        keep = list(range(len(candidates)))
+    else:
+        keep = sorted(d.topk(top_k).indices.tolist())
+    w = d[keep] / d[keep].sum()
+    return [candidates[i] for i in keep], w
+
+
+def token_mask(batch: Batch) -> torch.Tensor:
+    """(B, T) bool: every real token except the first (BOS / first template token)."""
+    mask = batch["attention_mask"].bool().clone()
+    mask[:, 0] = False
+    return mask
+
+
+def pool(h: torch.Tensor, batch: Batch, sample: str) -> torch.Tensor:
+    """One CKA sample per row (B, d) fp64 from block outputs h (B, T, d) of a right-padded prompt batch."""
+    if sample == "last":
+        return h[torch.arange(h.shape[0], device=h.device), last_prompt_index(batch)].double()
+    mask = token_mask(batch).unsqueeze(-1).double()
+    return (h.double() * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the output of decoder blocks ``layers`` (0-based) during forwards; hooks removed in finally."""
+    blocks = models.decoder_layers(model)
+    bad = [i for i in layers if not 0 <= i < len(blocks)]
+    if bad:
+        raise ValueError(f"decoder layer indices {bad} out of range: the model has {len(blocks)} blocks (0-based)")
+    out: dict[int, torch.Tensor] = {}
+
+    def hook(i: int):
+        def fn(module, args, output):
+            out[i] = output[0] if isinstance(output, tuple) else output
+
+        return fn
+
+    handles = [blocks[i].register_forward_hook(hook(i)) for i in layers]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- the defense
+
+
+@METHODS.register("repanchor")
+class RepAnchor(Defense):
+    """RepAnchor: task CE + γ · CKA-drift-weighted MSE to the reference's hidden states (see module doc)."""
+
+    name = "repanchor"
+    stage = "finetune"
+    needs = ("reference", "harmful_prompts")
+    Config = RepAnchorConfig
+
+    def __init__(self, cfg: RepAnchorConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: RepAnchorConfig = cfg
+        self.anchors = AnchorSet(cfg.n_anchors, cfg.ref_max_new_tokens, cfg.anchor_batch)
+        # state carried across a resume
+        self.drift_ema: list[float] | None = None
+        self.last_refresh = 0
+        self.probe_task: list[list[int]] = []
+        # caches rebuilt in setup
+        self.candidates: list[int] = []
+        self.ref_hidden: list[torch.Tensor] = []  # per anchor row: (n_candidates, tokens, d) fp32
+        self.scale = torch.ones(0)  # per candidate: RMS of h_ref over the anchor set
+        self.probe_harm: list[Rendered] = []
+        self.probe_ref: dict[int, torch.Tensor] = {}  # layer -> (n_probe rows, d) fp64 reference samples
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, ctx: RunContext) -> None:
+        if self.cfg.gamma > 0:  # gamma == 0 touches nothing: exactly SFT
+            self.prepare(ctx, self.anchors.build(ctx))
+
+    def prepare(self, ctx: RunContext, rows: list[Rendered]) -> None:
+        """Cache the reference's anchor hidden states and probe samples; measure the step-0 drift."""
+        n_blocks = len(models.decoder_layers(ctx.accelerator.unwrap_model(ctx.model)))
+        self.candidates = sorted(self.cfg.layers) if self.cfg.layers is not None else list(range(n_blocks))
+        if self.candidates[0] < 0 or self.candidates[-1] >= n_blocks:
+            raise ValueError(f"defense.layers={self.cfg.layers}: the model has {n_blocks} blocks (0-based indices)")
+        self.ref_hidden = []
+        with ctx.reference() as ref, eval_mode(ref):
+            for start in range(0, len(rows), self.cfg.anchor_batch):
+                batch = ctx.batch(rows[start : start + self.cfg.anchor_batch])
+                with capture(ref, self.candidates) as h:
+                    ctx.forward(inputs_only(batch), model=ref, logits_to_keep=1)
+                mask = token_mask(batch)
+                stacked = torch.stack([h[i] for i in self.candidates], dim=1).float()  # (B, L_c, T, d)
+                self.ref_hidden += [stacked[i][:, mask[i]] for i in range(stacked.shape[0])]
+        tokens = torch.cat([r.transpose(0, 1) for r in self.ref_hidden])  # (N, L_c, d)
+        self.scale = tokens.square().mean(dim=(0, 2)).sqrt().clamp_min(1e-6)
+        harmful = ctx.aux_data("harmful_prompts")[: self.cfg.n_probe // 2]
+        self.probe_harm = ctx.render([Example(h.id, h.prompt) for h in harmful])  # prompts only
+        self.probe_ref = self._features(ctx, self._probe_rows(), reference=True)
+        if self.drift_ema is None:  # a fresh run (a resumed one restored its EMA)
+            self.drift_ema = self._measure(ctx).tolist()
+        log.info(
+            "repanchor: %d anchors, candidate layers %s, step-0 drift max %.2e",
+            len(rows),
+            self.candidates,
+            max(self.drift_ema),
+        )
+
+    def _probe_rows(self) -> list[Rendered]:
+        task = [Rendered(ids, [IGNORE] * len(ids), len(ids), f"task{i}") for i, ids in enumerate(self.probe_task)]
+        return self.probe_harm + task
+
+    def _features(self, ctx: RunContext, rows: list[Rendered], reference: bool) -> dict[int, torch.Tensor]:
+        """Per candidate layer, one fp64 sample per probe row, from θ or from the reference."""
+        parts: dict[int, list[torch.Tensor]] = {i: [] for i in self.candidates}
+        cm = ctx.reference() if reference else torch.no_grad()
+        with cm as ref:
+            model = ref if reference else ctx.accelerator.unwrap_model(ctx.model)
+            with eval_mode(model):
+                for start in range(0, len(rows), self.cfg.anchor_batch):
+                    batch = ctx.batch(rows[start : start + self.cfg.anchor_batch])
+                    with capture(model, self.candidates) as h:
+                        ctx.forward(inputs_only(batch), model=model, logits_to_keep=1)
+                    for i in self.candidates:
+                        parts[i].append(pool(h[i], batch, self.cfg.sample))
+        return {i: torch.cat(p) for i, p in parts.items()}
+
+    def _measure(self, ctx: RunContext) -> torch.Tensor:
+        """drift_l = 1 - CKA(θ, ref) per candidate layer on the probe set (fp64)."""
+        feats = self._features(ctx, self._probe_rows(), reference=False)
+        return torch.stack([1 - linear_cka(feats[i], self.probe_ref[i]) for i in self.candidates])
+
+    # ------------------------------------------------------------------ refresh
+
+    def observe(self, ctx: RunContext, batch: Batch) -> None:
+        """Per micro-batch, before its passes: collect task probe prompts; refresh the drift when due."""
+        want = self.cfg.n_probe - self.cfg.n_probe // 2
+        if self.last_refresh == 0 and len(self.probe_task) < want:
+            seen = {tuple(p) for p in self.probe_task}
+            prompt = batch["attention_mask"].bool() & (batch["labels"] == IGNORE)
+            for ids, keep in zip(batch["input_ids"], prompt, strict=True):
+                p = ids[keep].tolist()
+                if tuple(p) not in seen and len(self.probe_task) < want:
+                    self.probe_task.append(p)
+                    seen.add(tuple(p))
+        if ctx.step == 0 or ctx.step % self.cfg.refresh_every or ctx.step == self.last_refresh:
+            return
+        if self.last_refresh == 0:  # first refresh: the probe set is complete and frozen from here on
+            self.probe_ref = self._features(ctx, self._probe_rows(), reference=True)
+        drift = self._measure(ctx)
+        ema = torch.tensor(self.drift_ema, dtype=torch.float64)
+        self.drift_ema = (self.cfg.ema * ema + (1 - self.cfg.ema) * drift).tolist()
+        self.last_refresh = ctx.step
+        layers, w = self.selection()
+        log.info("repanchor step %d: drift %s -> layers %s, weights %s", ctx.step, _fmt(drift), layers, _fmt(w))
+
+    def selection(self) -> tuple[list[int], torch.Tensor]:
+        assert self.drift_ema is not None, "RepAnchor.prepare runs in setup"
+        top_k = None if self.cfg.layers is not None else self.cfg.top_k
+        return select_layers(torch.tensor(self.drift_ema), self.candidates, top_k, self.cfg.drift_floor)
+
+    # ------------------------------------------------------------------ the penalty
+
+    def penalty_value(self, ctx: RunContext, rows: list[Rendered]) -> torch.Tensor:
+        """R(θ) on a clean anchor batch (unweighted by γ, with grad)."""
+        layers, w = self.selection()
+        batch = ctx.batch(rows)
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        with capture(model, layers) as h:
+            ctx.forward(inputs_only(batch), logits_to_keep=1)
+        mask = token_mask(batch)
+        total = torch.zeros((), device=ctx.device)
+        for weight, layer in zip(w.tolist(), layers, strict=True):
+            c = self.candidates.index(layer)
+            ref = torch.cat([self.ref_hidden[int(r.id)][c] for r in rows])
+            diff = (h[layer][mask].float() - ref) / self.scale[c]
+            total = total + weight * diff.square().mean()
+        return total
+
+    def rep_term(self, ctx: RunContext, rows: list[Rendered]) -> torch.Tensor:
+        """γ·R(θ), back-propagated here; returns the weighted value, detached."""
+        rep = self.cfg.gamma * self.penalty_value(ctx, rows)
+        ctx.backward(rep)
+        return rep.detach()
+
+    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
+        if self.cfg.gamma == 0:
+            return super().step(ctx, batch)
+        self.observe(ctx, batch)
+        task = ctx.forward(batch).loss
+        ctx.backward(task)
+        rep = self.rep_term(ctx, self.anchors.next())
+        terms = {"task": task.detach().float(), "rep": rep}
+        return StepOutput(torch.stack(list(terms.values())).sum(), terms)
+
+    # ------------------------------------------------------------------ resume
+
+    def drift_state(self) -> dict[str, Any]:
+        return {"drift_ema": self.drift_ema, "last_refresh": self.last_refresh, "probe_task": self.probe_task}
+
+    def load_drift_state(self, state: dict[str, Any]) -> None:
+        self.drift_ema = state["drift_ema"]
+        self.last_refresh = state["last_refresh"]
+        self.probe_task = state["probe_task"]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.cfg.gamma == 0:
+            return {}
+        return {"y_ref": self.anchors.y_ref, **self.drift_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.anchors.y_ref = state["y_ref"]
+            self.load_drift_state(state)
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return "[" + ", ".join(f"{x:.3g}" for x in t.tolist()) + "]"

@@ -1,0 +1,175 @@
+"""SBR: Safety Bottleneck Regularization (anchor the unembedding input on harmful prompts).
+
+Lu, Sha, Wang, Sun, Zhou, Dai, Xiao, "Safety Anchor: Defending Harmful Fine-tuning via Geometric
+Bottlenecks", ICML 2026, https://arxiv.org/abs/2605.05995.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safeft.config import ConfigError, DefenseConfig
+from safeft.data.chat import last_prompt_index
+from safeft.data.types import Example
+from safeft.methods.base import Batch, Defense
+from safeft.methods.registry import METHODS
+from safeft.models import ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SBRConfig(DefenseConfig):
+    name: str = "sbr"
+    lam: float = 50.0  # λ, weight of the anchor MSE; 0 = plain SFT
+    n_anchors: int = 8  # N harmful prompts anchored (the first N of the aux set); the paper's headline is 1
+    anchor_batch: int | None = None  # anchors per micro-batch; None = all N every step
+
+
+@contextlib.contextmanager
+def unembedding_input(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Capture the input of ``model``'s output embeddings (``lm_head``) during the block.
+
+    That input is the final, post-norm hidden state for any architecture, whereas ``hidden_states[-1]``
+    is post-norm only where transformers happens to make it so. Yields a list that receives one tensor
+    per call of the unembedding; the hook is removed however the block exits.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ModelError(
+            f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None); "
+            "SBR anchors the input of the unembedding and cannot run on it"
+        )
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _mod, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def final_states(ctx, model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(B, d) fp32 unembedding input at each row's last real token, for left or right padding.
+
+    ``model`` is the module to run (``ctx.model``, or the reference from ``ctx.reference()``); the forward
+    is counted through ``ctx.forward``.
+    """
+    with unembedding_input(ctx.accelerator.unwrap_model(model)) as seen:
+        ctx.forward(batch, model=model)
+    if len(seen) != 1:
+        raise ModelError(f"the output embeddings ran {len(seen)} times in one forward; expected exactly once")
+    h = seen[0]
+    if h.shape[:2] != batch["input_ids"].shape:
+        # e.g. a model that only unembeds the last position: the gather below would read wrong tokens
+        raise ModelError(
+            f"the unembedding saw hidden states of shape {tuple(h.shape)} for a batch of "
+            f"{tuple(batch['input_ids'].shape)}; SBR needs every position"
+        )
+    idx = last_prompt_index(batch)
+    return h[torch.arange(h.shape[0], device=h.device), idx].float()
+
+
+@METHODS.register("sbr")
+class SBR(Defense):
+    r"""Pin the final hidden state of harmful prompts, where the reply starts, to the aligned model's.
+
+    Paper: Lu et al., "Safety Anchor: Defending Harmful Fine-tuning via Geometric Bottlenecks", ICML 2026,
+    arXiv 2605.05995 (official code soyoaaa/SBR, ``HFT_SBR.py``).
+
+    Objective, per micro-batch::
+
+        L(θ) = CE(θ; b_task) + λ · 1/(N'·d) · Σ_n ‖h_θ(p_n) − h_ref(p_n)‖²
+
+    where ``h(p)`` is the input of the unembedding (post final norm) at the last prompt token of anchor
+    prompt ``p`` rendered with the shared chat template and its generation prompt (exactly where the
+    deployed model starts its reply), ``h_ref`` is the same state of the frozen aligned reference
+    (``ctx.reference()``: adapter disabled under LoRA), computed once in ``setup`` and cached in fp32, and
+    the mean runs over the N' anchors used this step and the d hidden units (``F.mse_loss``, as the code;
+    the paper may reduce differently, so λ is only comparable with the code's).
+
+    Hyperparameters:
+      * ``lam`` (λ) = 50, the released value; useful range 1-100. 0 returns no term and runs no anchor
+        forward, so λ = 0 is plain SFT exactly, at SFT's cost.
+      * ``n_anchors`` (N) = 8, the released script; N = 1 is the paper's headline ("a single safety anchor");
+        range 1-32. If the aux set holds fewer prompts, all of them are used, with a warning [inferred].
+      * ``anchor_batch`` = None: all N anchors every micro-batch, as the code. An integer k < N cycles
+        through the anchors k at a time through a checkpointed stream [inferred: for large N only].
+
+    Data: the aux set ``harmful_prompts`` (prompts only, no responses or labels); the first N are anchors.
+
+    Cost: the task forward/backward plus one forward over the N short anchor prompts per micro-batch,
+    back-propagated together with the task loss (≈ +2-5 % compute at N = 8); logged as
+    ``passes/forward = 2``, ``passes/backward = 1`` per micro-batch (the anchor forward also projects
+    every anchor position onto the vocabulary, which is discarded). Setup: one reference forward.
+
+    Pitfalls handled:
+      * The hidden state is taken with a pre-hook on ``get_output_embeddings()`` (the ``lm_head`` input),
+        not from ``hidden_states[-1]``, so it is post-norm on every architecture; a model without output
+        embeddings, or one that does not unembed every position, raises.
+      * The last prompt token is found from the attention mask (``last_prompt_index``), right for left
+        and right padding (the code assumed right padding); anchors are right-padded like training rows, so
+        position ids are the plain ``0..n-1`` a prompt gets at generation time.
+      * Anchors are rendered by the shared renderer with the run's system prompt, so the anchored position
+        is the one the deployed model answers from (the code used Llama-3.1's template directly).
+      * ``h_ref`` comes from the reference before any update, in fp32; the MSE is taken in fp32 whatever
+        the autocast precision.
+    """
+
+    name = "sbr"
+    stage = "finetune"
+    needs = ("reference", "harmful_prompts")
+    Config = SBRConfig
+
+    def __init__(self, cfg: SBRConfig) -> None:
+        super().__init__(cfg)
+        if cfg.lam < 0:
+            raise ConfigError(f"defense.lam must be >= 0, not {cfg.lam}")
+        if cfg.n_anchors < 1:
+            raise ConfigError(f"defense.n_anchors must be >= 1, not {cfg.n_anchors}")
+        if cfg.anchor_batch is not None and cfg.anchor_batch < 1:
+            raise ConfigError(f"defense.anchor_batch must be >= 1 or null, not {cfg.anchor_batch}")
+        self.h_ref: torch.Tensor | None = None  # (N, d) fp32
+        self._all: Batch | None = None  # the N anchors as one batch, when every step uses all of them
+        self._stream = None
+
+    def setup(self, ctx) -> None:
+        if self.cfg.lam == 0:
+            return  # no anchors, no reference forward: λ = 0 is SFT, at SFT's cost
+        prompts = ctx.aux_data("harmful_prompts")
+        if len(prompts) < self.cfg.n_anchors:
+            log.warning("sbr: n_anchors=%d but only %d harmful prompts; using all", self.cfg.n_anchors, len(prompts))
+        chosen = prompts[: self.cfg.n_anchors]
+        # Prompt only: render() then ends at the generation prompt, the token after which the reply starts.
+        rows = ctx.render([Example(ex.id, ex.prompt) for ex in chosen])
+        # Row ids become positions in h_ref, so a streamed sub-batch can find its reference states.
+        rows = [dataclasses.replace(r, id=str(i)) for i, r in enumerate(rows)]
+        anchors = ctx.batch(rows, "right")
+        with ctx.reference() as ref:
+            self.h_ref = final_states(ctx, ref, anchors).detach()
+        k = self.cfg.anchor_batch
+        if k is None or k >= len(rows):
+            self._all = anchors
+        else:
+            self._stream = ctx.stream("sbr_anchors", rows, k)
+
+    def penalty(self, ctx, batch: Batch) -> dict[str, torch.Tensor]:
+        if self.cfg.lam == 0:
+            return {}
+        if self.h_ref is None:
+            raise RuntimeError("SBR.penalty called before setup")
+        if self._stream is None:
+            anchors, ref = self._all, self.h_ref
+        else:
+            rows = self._stream.next()
+            anchors = ctx.batch(rows, "right")
+            ref = self.h_ref[torch.tensor([int(r.id) for r in rows], device=self.h_ref.device)]
+        h = final_states(ctx, ctx.model, anchors)
+        return {"sbr": self.cfg.lam * F.mse_loss(h, ref)}
