@@ -50,47 +50,8 @@ from safeft import config as C  # noqa: E402
 from safeft import models  # noqa: E402
 from safeft.data.domains import load_domain  # noqa: E402
 from safeft.methods import METHODS  # noqa: E402
+from safeft.testing import save_tiny_model  # noqa: E402
 from safeft.train import train  # noqa: E402
-
-CHATML = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def tiny_model_dir(root: Path, texts: list[str]) -> Path:
-    """A 2-layer, hidden-64 random Llama with a byte-level BPE tokenizer trained on ``texts``, saved to disk."""
-    import torch
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers import models as tk_models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tk = Tokenizer(tk_models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    specials = ["<|im_start|>", "<|im_end|>", "<pad>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tk.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=512, special_tokens=specials, initial_alphabet=alphabet)
-    )
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>")
-    tok.chat_template = CHATML
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    out = root / "tiny-model"
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def measure(method: str, spec: str, args: argparse.Namespace, examples: list, root: Path) -> dict:
@@ -140,10 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         spec = args.model
         if args.tiny:
-            from safeft.data.aux import build_aux
-
-            harmful = [e.prompt for e in build_aux(["harmful_prompts"])["harmful_prompts"]]
-            spec = str(tiny_model_dir(root, [f"{e.prompt} {e.response}" for e in examples[:200]] + harmful))
+            spec = str(save_tiny_model(root / "tiny-model"))
         results = {}
         for m in methods:
             print(f"measuring {m} ({args.warmup} + {args.steps} steps) ...", file=sys.stderr, flush=True)
