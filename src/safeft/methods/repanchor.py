@@ -20,8 +20,8 @@ s_l is the RMS of h_l^ref over the anchor set (cached), so every layer's term is
 Hyperparameters (``defense.*``): ``gamma`` γ = 0.1 (sweep 0.01-1.0; 0 = exactly SFT), ``top_k`` = 5
 layers, ``layers`` = None (a fixed window instead, e.g. the abstract's 1-indexed 28-32 of a 32-layer model
 is ``[27, 28, 29, 30, 31]``; re-derive per model), ``refresh_every`` N_cka = 50, ``ema`` = 0.9, ``n_probe`` =
-64, ``n_anchors`` = 64, ``anchor_batch`` = 8, ``drift_floor`` = 1e-4, ``sample`` = mean (mean | last),
-``ref_max_new_tokens`` = 32.
+64, ``n_anchors`` = 64, ``anchor_batch`` = 2, ``drift_floor`` = 1e-4, ``sample`` = mean (mean | last),
+``ref_max_new_tokens`` = 16.
 
 Data: harmful prompts without responses (aux ``harmful_prompts``) and the task prompts of the run.
 
@@ -89,10 +89,12 @@ class RepAnchorConfig(DefenseConfig):
     ema: float = 0.9  # EMA factor of the drift across refreshes [inferred]
     n_probe: int = 64  # CKA probe prompts: half harmful, half task [inferred]
     n_anchors: int = 64  # anchor harmful prompts, the first n of aux harmful_prompts [inferred]
-    anchor_batch: int = 8  # anchor rows per step [inferred: the task batch size]
+    # anchor rows per step [inferred; ours]. The spec suggests the task batch size, which at K = 3 costs
+    # ~6x SFT on a 135M model (anchor rows are as long as task rows); 2 keeps saft+repanchor near 2x.
+    anchor_batch: int = 2
     drift_floor: float = 1e-4  # drifts below this count as this, so weights never divide by 0 [inferred]
     sample: str = "mean"  # CKA sample per prompt: "mean" of real tokens except the first, or "last" [inferred]
-    ref_max_new_tokens: int = 32  # anchor rows = prompt + reference answer of this length; 0 = prompt [inferred]
+    ref_max_new_tokens: int = 16  # y_ref length [inferred; ours: the refusal onset, where safety is decided]
 
     def __post_init__(self) -> None:
         check_repanchor(self)
@@ -185,6 +187,8 @@ class RepAnchor(Defense):
         super().__init__(cfg)
         self.cfg: RepAnchorConfig = cfg
         self.anchors = AnchorSet(cfg.n_anchors, cfg.ref_max_new_tokens, cfg.anchor_batch)
+        # no-grad passes over the anchor and probe sets (caching, drift refreshes) batch wider than a step
+        self.setup_batch = max(cfg.anchor_batch, 16)
         # state carried across a resume
         self.drift_ema: list[float] | None = None
         self.last_refresh = 0
@@ -210,8 +214,8 @@ class RepAnchor(Defense):
             raise ValueError(f"defense.layers={self.cfg.layers}: the model has {n_blocks} blocks (0-based indices)")
         self.ref_hidden = []
         with ctx.reference() as ref, eval_mode(ref):
-            for start in range(0, len(rows), self.cfg.anchor_batch):
-                batch = ctx.batch(rows[start : start + self.cfg.anchor_batch])
+            for start in range(0, len(rows), self.setup_batch):
+                batch = ctx.batch(rows[start : start + self.setup_batch])
                 with capture(ref, self.candidates) as h:
                     ctx.forward(inputs_only(batch), model=ref, logits_to_keep=1)
                 mask = token_mask(batch)
@@ -242,8 +246,8 @@ class RepAnchor(Defense):
         with cm as ref:
             model = ref if reference else ctx.accelerator.unwrap_model(ctx.model)
             with eval_mode(model):
-                for start in range(0, len(rows), self.cfg.anchor_batch):
-                    batch = ctx.batch(rows[start : start + self.cfg.anchor_batch])
+                for start in range(0, len(rows), self.setup_batch):
+                    batch = ctx.batch(rows[start : start + self.setup_batch])
                     with capture(model, self.candidates) as h:
                         ctx.forward(inputs_only(batch), model=model, logits_to_keep=1)
                     for i in self.candidates:

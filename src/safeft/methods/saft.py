@@ -15,8 +15,8 @@ Objective (per micro-batch; x^a anchor prompts, y_ref the reference's own greedy
 
 Hyperparameters (``defense.*``): ``lam`` λ = 0.5 (sweep 0.1-1.0; 0 = exactly SFT), ``pgd_steps`` K = 3
 (1-5; 0 = no attack, plain KL anchoring), ``eps`` ε = 0.05 (relative per-token radius, 0.01-0.2),
-``pgd_alpha`` = ε/2 (ε if K = 1), ``n_anchors`` = 64 (64-512), ``anchor_batch`` = 8 (= task batch),
-``ref_max_new_tokens`` = 32 (16-64), ``kl_topk`` = 64 (0 = full vocabulary), ``kl_on`` = anchor
+``pgd_alpha`` = ε/2 (ε if K = 1), ``n_anchors`` = 64 (64-512), ``anchor_batch`` = 2 (spec: = task batch; see config),
+``ref_max_new_tokens`` = 16 (16-64), ``kl_topk`` = 64 (0 = full vocabulary), ``kl_on`` = anchor
 (anchor | task | both), ``random_init`` = true.
 
 Data: harmful prompts without responses (aux ``harmful_prompts``); y_ref comes from the reference itself,
@@ -80,8 +80,10 @@ class SAFTConfig(DefenseConfig):
     eps: float = 0.05  # PGD radius, relative per-token L2: ‖δ_t‖ <= eps·‖emb(x_t)‖ [inferred]
     pgd_alpha: float | None = None  # relative step size; None = eps/2, or eps when K = 1 [inferred]
     n_anchors: int = 64  # anchor harmful prompts, the first n of aux harmful_prompts [inferred]
-    anchor_batch: int = 8  # anchor prompts per step [inferred: the task batch size]
-    ref_max_new_tokens: int = 32  # length of the reference's greedy answer y_ref [inferred]
+    # anchor rows per step [inferred; ours]. The spec suggests the task batch size, which at K = 3 costs
+    # ~6x SFT on a 135M model (anchor rows are as long as task rows); 2 keeps saft+repanchor near 2x.
+    anchor_batch: int = 2
+    ref_max_new_tokens: int = 16  # y_ref length [inferred; ours: the refusal onset, where safety is decided]
     kl_topk: int = 64  # cache top-k reference log-probs + a tail bucket; 0 = full vocabulary [inferred]
     kl_on: str = "anchor"  # anchor | task | both: where the KL is measured [inferred]
     random_init: bool = True  # δ₀ ~ 0.5·Uniform(ε-ball), else δ₀ = 0 [inferred]
@@ -326,7 +328,8 @@ class SAFT(Defense):
 
     def prepare(self, ctx: RunContext, rows: list[Rendered]) -> None:
         """Cache the reference's log-probs on the anchors' response positions (once)."""
-        self.targets = reference_targets(ctx, rows, self.cfg.kl_topk, self.cfg.anchor_batch)
+        # setup is a one-off no-grad pass: batch it wider than the per-step anchor batch
+        self.targets = reference_targets(ctx, rows, self.cfg.kl_topk, max(self.cfg.anchor_batch, 16))
         n_pos = sum(t.logp.shape[0] for t in self.targets)
         log.info("saft: %d anchors, %d response positions cached (kl_topk=%d)", len(rows), n_pos, self.cfg.kl_topk)
 
