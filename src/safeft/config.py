@@ -93,12 +93,13 @@ class EvalConfig:
 
 @dataclass
 class AlignConfig:
-    n_harmful: int = 64  # Do-Not-Answer prompts -> our refusals
-    n_benign: int = 80  # benign prompts -> the base model's own answers: all edgy-but-benign ones + plain
+    # Chosen on the Do-Not-Answer dev split and our probes, never on HarmBench (docs/results.md has the sweep).
+    n_harmful: int = 128  # Do-Not-Answer prompts -> our refusals
+    n_benign: int = 120  # benign prompts -> the base model's own answers: all edgy-but-benign ones + plain
     benign_max_new_tokens: int = 96
     restyle: float = 0.5  # share of harmful prompts wrapped in an instruction-style framing (align.py)
     seed: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=48, lr=3e-4, schedule="cosine"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=72, lr=3e-4, schedule="cosine"))
 
 
 @dataclass
