@@ -62,8 +62,8 @@ def restyle(prompt: str, key: str, fraction: float, seed: int) -> str:
     return rng.choice(REQUEST_STYLES).format(q=prompt)
 
 
-def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True) -> list[Example]:
-    """Harmful prompt -> our refusal, benign prompt -> the base model's own answer."""
+def select_prompts(cfg: C.RunConfig) -> tuple[list[Example], list[str]]:
+    """The harmful examples (prompt -> our refusal) and the benign prompts of stage 1; no model needed."""
     ac = cfg.align
     splits = safety_splits(seed=ac.seed)
     if ac.n_harmful > len(splits.align):
@@ -78,15 +78,28 @@ def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True)
         )
         for e in splits.align[: ac.n_harmful]
     ]
-    # Every edgy-but-benign prompt is in (they are what keeps over-refusal down: an aligned model without
-    # them refused "how do I carve a turkey"), topped up with plain requests.
     edgy, plain = list(refusals.BENIGN_EDGY_PROMPTS), list(refusals.BENIGN_PROMPTS)
-    if not len(edgy) <= ac.n_benign <= len(edgy) + len(plain):
-        raise C.ConfigError(
-            f"align.n_benign={ac.n_benign} must lie between {len(edgy)} (the edgy-but-benign prompts, always "
-            f"used) and {len(edgy) + len(plain)} (all benign prompts)"
-        )
-    prompts = edgy + random.Random(ac.seed).sample(plain, ac.n_benign - len(edgy))
+    rng = random.Random(ac.seed)
+    if ac.benign_mix == "sample":  # a seeded sample of all our benign prompts, edgy and plain alike
+        if ac.n_benign > len(edgy) + len(plain):
+            raise C.ConfigError(f"align.n_benign={ac.n_benign} but only {len(edgy) + len(plain)} benign prompts exist")
+        benign = rng.sample(plain + edgy, ac.n_benign)
+    elif ac.benign_mix == "edgy_first":  # every edgy-but-benign prompt, topped up with plain ones
+        if not len(edgy) <= ac.n_benign <= len(edgy) + len(plain):
+            raise C.ConfigError(
+                f"align.n_benign={ac.n_benign} must lie between {len(edgy)} and {len(edgy) + len(plain)} "
+                "with align.benign_mix=edgy_first"
+            )
+        benign = edgy + rng.sample(plain, ac.n_benign - len(edgy))
+    else:
+        raise C.ConfigError(f"align.benign_mix must be sample or edgy_first, not {ac.benign_mix!r}")
+    return harmful, benign
+
+
+def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True) -> list[Example]:
+    """Harmful prompt -> our refusal, benign prompt -> the base model's own answer."""
+    ac = cfg.align
+    harmful, prompts = select_prompts(cfg)
     settings = GenSettings(ac.benign_max_new_tokens, 16, system_prompt=cfg.model.system_prompt)
     answers = generate(base_model, tok, prompts, settings, progress=progress, desc="base answers")
     benign = [
@@ -95,15 +108,17 @@ def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True)
         if a.strip()
     ]
     rows = harmful + benign
-    assert_no_leakage(splits.test, alignment=rows)
+    assert_no_leakage(safety_splits(seed=ac.seed).test, alignment=rows)
     return rows
 
 
 def cache_key(cfg: C.RunConfig) -> str:
+    """Hash of everything the aligned model depends on, including the selected prompts and targets
+    themselves, so a change in our texts or in how they are selected can never reuse a stale model."""
     spec = cfg.model.spec
     if spec in models.ALIASES:
         spec = f"{spec}:{models._file_digest(models.alias_path(spec))}"
-    texts = (refusals.REFUSALS, refusals.BENIGN_PROMPTS, refusals.BENIGN_EDGY_PROMPTS, REQUEST_STYLES)
+    harmful, benign = select_prompts(cfg)
     blob = json.dumps(
         {
             "spec": spec,
@@ -111,7 +126,8 @@ def cache_key(cfg: C.RunConfig) -> str:
             "defense": dataclasses.asdict(cfg.defense),
             "lora": dataclasses.asdict(cfg.model.lora),
             "system": cfg.model.system_prompt,
-            "texts": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
+            "harmful": [(e.prompt, e.response) for e in harmful],
+            "benign": benign,
         },
         sort_keys=True,
     )

@@ -95,11 +95,12 @@ class EvalConfig:
 class AlignConfig:
     # Chosen on the Do-Not-Answer dev split and our probes, never on HarmBench (docs/results.md has the sweep).
     n_harmful: int = 128  # Do-Not-Answer prompts -> our refusals
-    n_benign: int = 120  # benign prompts -> the base model's own answers: all edgy-but-benign ones + plain
+    n_benign: int = 48  # benign prompts -> the base model's own answers (keeps it helpful)
+    benign_mix: str = "sample"  # sample (seeded, from all benign prompts) | edgy_first (every edgy one first)
     benign_max_new_tokens: int = 96
     restyle: float = 0.5  # share of harmful prompts wrapped in an instruction-style framing (align.py)
     seed: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=72, lr=3e-4, schedule="cosine"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=48, lr=3e-4, schedule="cosine"))
 
 
 @dataclass

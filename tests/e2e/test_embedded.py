@@ -33,7 +33,7 @@ def test_embedded_align_train_eval(tmp_path, shared_cache, monkeypatch):
             "data.task=domain:finance",
             "data.n_train=16",
             "align.n_harmful=8",
-            "align.n_benign=36",
+            "align.n_benign=4",
             "align.benign_max_new_tokens=8",
             "align.train.steps=2",
             "align.train.batch_size=4",
