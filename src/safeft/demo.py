@@ -32,6 +32,9 @@ def _domain(cfg: C.RunConfig) -> str:
 # What `safeft demo` runs when no --config is given; configs/demo.yaml holds the same (a test keeps them equal).
 DEMO_DEFAULTS: dict[str, Any] = {
     "data": {"task": "domain:finance", "n_train": 600},
+    # 48 new tokens: refusal markers appear in the first sentence and finance answers are ~30 tokens;
+    # it keeps the whole demo inside 15 minutes on 2 CPU cores.
+    "eval": {"max_new_tokens": 48},
     "demo": {"methods": ["sft"]},
 }
 
