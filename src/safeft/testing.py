@@ -71,3 +71,23 @@ def save_tiny_model(out: Path, seed: int = 0) -> Path:
     build_model(len(tok), seed).save_pretrained(out)
     tok.save_pretrained(out)
     return Path(out)
+
+
+# A short, deterministic run on the tiny model: 3 steps of fp32 LoRA (r=4) at a high learning rate.
+TINY_RUN = (
+    "data.task=domain:finance",
+    "train.steps=3",
+    "train.batch_size=4",
+    "train.lr=0.01",
+    "train.precision=fp32",
+    "model.lora.r=4",
+    "model.lora.alpha=8",
+    "run_id=r",
+)
+
+
+def tiny_run_config(out_dir: Path, *overrides: str):
+    """A ``RunConfig`` for a tiny-model run writing under ``out_dir``; later overrides win."""
+    from safeft import config as C
+
+    return C.load(overrides=[*TINY_RUN, f"out_dir={out_dir}", *overrides])

@@ -22,6 +22,18 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("safeft-cache")
 
 
+@pytest.fixture(autouse=True)
+def _all_cores():
+    import os
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_embedded_align_train_eval(tmp_path, shared_cache, monkeypatch):
     from safeft.align import align
     from safeft.eval.suites import evaluate

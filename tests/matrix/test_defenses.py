@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-from safeft import config as C
 from safeft.data.types import Example
 from safeft.methods import METHODS
+from safeft.testing import tiny_run_config
 from safeft.train import train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
@@ -27,20 +27,7 @@ AUX = {
 @pytest.mark.parametrize("name", list(METHODS))
 def test_defense_trains(name, tiny, tmp_path):
     model, tok = tiny
-    cfg = C.load(
-        overrides=[
-            "data.task=domain:finance",
-            "train.steps=3",
-            "train.batch_size=4",
-            "train.lr=0.01",
-            "train.precision=fp32",
-            "model.lora.r=4",
-            "model.lora.alpha=8",
-            f"defense.name={name}",
-            f"out_dir={tmp_path}",
-            "run_id=m",
-        ]
-    )
+    cfg = tiny_run_config(tmp_path, f"defense.name={name}", "run_id=m")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     res = train(cfg, examples=EXAMPLES, model=model, tokenizer=tok, aux=AUX, progress=False)
     rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ from safeft import config as C
 from safeft import models
 from safeft.data.types import Example
 from safeft.methods.repanchor import RepAnchor, pool, select_layers
+from safeft.testing import tiny_run_config
 from safeft.train import RunContext, make_accelerator, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(16)]
@@ -20,22 +21,7 @@ REP = ("defense.ref_max_new_tokens=6", "defense.n_anchors=4", "defense.anchor_ba
 
 
 def cfg_for(tmp_path, *extra: str, method: str = "repanchor") -> C.RunConfig:
-    return C.load(
-        overrides=[
-            "data.task=domain:finance",
-            "train.steps=3",
-            "train.batch_size=4",
-            "train.lr=0.01",
-            "train.precision=fp32",
-            "model.lora.r=4",
-            "model.lora.alpha=8",
-            f"out_dir={tmp_path / 'runs'}",
-            "run_id=r",
-            f"defense.name={method}",
-            *(REP if method == "repanchor" else ()),
-            *extra,
-        ]
-    )
+    return tiny_run_config(tmp_path / "runs", f"defense.name={method}", *(REP if method == "repanchor" else ()), *extra)
 
 
 @pytest.fixture()

@@ -24,6 +24,7 @@ from safeft.methods.saft import (
     prompt_mask,
     reference_target,
 )
+from safeft.testing import tiny_run_config
 from safeft.train import RunContext, TrainingInterrupted, checkpoints, make_accelerator, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(16)]
@@ -33,20 +34,7 @@ FAST = ("defense.ref_max_new_tokens=6", "defense.n_anchors=4", "defense.anchor_b
 
 
 def cfg_for(tmp_path, *extra: str) -> C.RunConfig:
-    return C.load(
-        overrides=[
-            "data.task=domain:finance",
-            "train.steps=3",
-            "train.batch_size=4",
-            "train.lr=0.01",
-            "train.precision=fp32",
-            "model.lora.r=4",
-            "model.lora.alpha=8",
-            f"out_dir={tmp_path / 'runs'}",
-            "run_id=r",
-            *extra,
-        ]
-    )
+    return tiny_run_config(tmp_path / "runs", *extra)
 
 
 def _metrics(run_dir):

@@ -14,6 +14,7 @@ from safeft import config as C
 from safeft import models
 from safeft.data.types import Example
 from safeft.methods.sap import SAP, contrastive_loss, default_layers, shifted
+from safeft.testing import tiny_run_config
 from safeft.train import RunContext, TrainingInterrupted, checkpoints, make_accelerator, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
@@ -32,21 +33,7 @@ AUX = {"contrastive": CONTRASTIVE}
 
 def _cfg(tmp_path, name: str = "sap", *extra: str) -> C.RunConfig:
     defense = [f"defense.name={name}"] + (["defense.contrastive_batch=3"] if name == "sap" else [])
-    return C.load(
-        overrides=[
-            "data.task=domain:finance",
-            "train.steps=3",
-            "train.batch_size=4",
-            "train.lr=0.01",
-            "train.precision=fp32",
-            "model.lora.r=4",
-            "model.lora.alpha=8",
-            *defense,
-            f"out_dir={tmp_path / 'runs'}",
-            "run_id=r",
-            *extra,
-        ]
-    )
+    return tiny_run_config(tmp_path / "runs", *defense, *extra)
 
 
 def _ctx(tiny, tmp_path, *extra: str) -> RunContext:

@@ -11,6 +11,7 @@ from safeft import config as C
 from safeft import models
 from safeft.data.types import Example
 from safeft.methods.sbr import SBR, final_states
+from safeft.testing import tiny_run_config
 from safeft.train import RunContext, make_accelerator, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
@@ -19,20 +20,7 @@ HARMFUL = [Example(f"h{i}", "How do I do harmful thing " + "really " * i + f"num
 
 
 def _cfg(tmp_path, *extra: str) -> C.RunConfig:
-    return C.load(
-        overrides=[
-            "data.task=domain:finance",
-            "train.steps=4",
-            "train.batch_size=4",
-            "train.lr=0.01",
-            "train.precision=fp32",
-            "model.lora.r=4",
-            "model.lora.alpha=8",
-            f"out_dir={tmp_path / 'runs'}",
-            "run_id=r",
-            *extra,
-        ]
-    )
+    return tiny_run_config(tmp_path / "runs", "train.steps=4", *extra)
 
 
 def _ctx(tiny, tmp_path, *extra: str) -> RunContext:

@@ -9,26 +9,14 @@ import torch
 
 from safeft import config as C
 from safeft.data.types import DataError, Example
+from safeft.testing import tiny_run_config
 from safeft.train import TrainingInterrupted, checkpoints, load_trainable, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(24)]
 
 
 def cfg_for(tmp_path, *extra: str) -> C.RunConfig:
-    return C.load(
-        overrides=[
-            "data.task=domain:finance",
-            "train.steps=12",
-            "train.batch_size=4",
-            "train.lr=0.01",
-            "train.precision=fp32",
-            "model.lora.r=4",
-            "model.lora.alpha=8",
-            f"out_dir={tmp_path / 'runs'}",
-            "run_id=r",
-            *extra,
-        ]
-    )
+    return tiny_run_config(tmp_path / "runs", "train.steps=12", *extra)
 
 
 def test_loop_learns_and_changes_parameters(tmp_path, tiny):
