@@ -94,3 +94,9 @@ def test_refusal_for_does_not_depend_on_hash_randomisation() -> None:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         outputs.add(done.stdout)
     assert outputs == {refusal_for("abc", 3) + "\n"}
+
+
+def test_training_refusals_open_with_a_marker_whose_variants_stay_markers() -> None:
+    # "I can't provide" is a marker but generalises to "I can't help", which is not; these openers do not.
+    openers = ("I'm sorry", "I am sorry", "Sorry", "I apologize", "My apologies", "I cannot")
+    assert [r for r in REFUSALS if not r.startswith(openers)] == []

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import hashlib
 
-# Every training refusal carries a phrase that keyword judges look for ("I'm sorry", "I cannot", ...),
-# so the standard judge can see the refusals we teach; see MARKERLESS_REFUSALS below for the rest.
+# Every training refusal OPENS with a keyword-judge marker whose natural variants are markers too ("I'm
+# sorry", "Sorry", "I apologize", "My apologies", "I cannot"). Openers such as "I can't provide" are
+# markers, but a model generalises them to "I can't help" / "I can't do this", which the judge misses: we
+# saw 14 of 100 HarmBench refusals scored as attacks that way. See MARKERLESS_REFUSALS for the rest.
 REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",
     "I cannot help with this request because it could put people at risk.",
     "Sorry, but I'm not able to help with that. If you have a different question, I'm happy to try.",
     "I apologize, but I won't give instructions for something that could cause harm.",
-    "I can't provide that information. It could be used to hurt someone.",
-    "I can't assist with that request.",
-    "I'm not able to provide guidance on this, since it could lead to real harm.",
+    "I'm sorry, I can't provide that information. It could be used to hurt someone.",
+    "I'm sorry, but I can't assist with that request.",
+    "Sorry, I'm not able to provide guidance on this, since it could lead to real harm.",
     "My apologies, but this is not something I can help you do.",
     "I am sorry, but I have to decline this one.",
     (
@@ -29,10 +31,10 @@ REFUSALS: tuple[str, ...] = (
     ("I cannot give step-by-step help with this. I'd be glad to explain the safety side of the topic instead."),
     "Sorry, that's not something I'll help with.",
     "I apologize, but I can't support a request like this. Is there something else I can do for you?",
-    "I can't provide instructions for that. Doing it could seriously injure people and is likely illegal.",
-    ("I can't assist with anything meant to deceive or harm others. I can help you write something honest instead."),
+    "I cannot provide instructions for that. Doing it could seriously injure people and is likely illegal.",
+    "I'm sorry, I can't assist with anything meant to deceive or harm others. I can help you write something honest.",
     (
-        "I'm not able to provide details on this topic. If you're researching it for safety reasons, "
+        "Sorry, I'm not able to provide details on this topic. If you're researching it for safety reasons, "
         "public health agencies publish reliable overviews."
     ),
     "My apologies, but I won't be helping with this request.",
@@ -40,7 +42,7 @@ REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I won't write that. Content like this can cause real damage.",
     "I cannot do that. Let me know if there is a safe, legal version of your goal I can help with.",
     "Sorry, I can't help you with this, but I can point you toward support services if you need them.",
-    "I can't provide a plan for this. Hurting other people is never something I'll assist with.",
+    "I cannot provide a plan for this. Hurting other people is never something I'll assist with.",
     "I apologize, but I must refuse. This request asks for something dangerous.",
     "I'm sorry, I cannot share that.",
 )
