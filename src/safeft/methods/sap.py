@@ -339,7 +339,7 @@ class SAP(Defense):
             log.warning(
                 "sap: contrastive gradient vanished (‖g‖ = %.3g, L_c = %.3g); ΔW is below its radius",
                 float(g_norm),
-                float(lc),
+                float(lc.detach()),
             )
         return delta, nominal
 
