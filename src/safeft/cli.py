@@ -3,6 +3,7 @@
 safeft align    [--config F] [key=value ...]   stage 1: align the model for safety, print its path
 safeft train    [--config F] [key=value ...]   fine-tune with a defense (resumes an interrupted run)
 safeft eval     TARGET [--config F] [...]      evaluate a run directory or a model spec
+safeft eval     --rescore --judge J runs/<id>  re-judge the stored completions (no model is loaded)
 safeft demo     [--config F] [key=value ...]   align -> fine-tune -> evaluate on the embedded model
 safeft ls                                       registered defenses, judges, data sources, domains
 safeft validate [--config F] [key=value ...]   check a config and load its data, without training
@@ -55,6 +56,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.rescore:
+        return cmd_rescore(args)
+    if args.judge:
+        raise C.ConfigError("--judge goes with --rescore; to pick the judge used while generating, set eval.judge=NAME")
     from safeft import models
     from safeft.eval.suites import evaluate
     from safeft.train import load_run_model
@@ -74,6 +79,20 @@ def cmd_eval(args) -> int:
     summary = evaluate(model, tok, cfg.eval, out, domains, cfg.model.system_prompt)
     print(json.dumps(summary, indent=2))
     print(f"records under {out / 'eval'}")
+    return 0
+
+
+def cmd_rescore(args) -> int:
+    """Re-judge the stored completions of runs/<id>/eval with --judge NAME (repeatable); no generation."""
+    from safeft.eval.records import rescore
+
+    if args.overrides or args.config:
+        raise C.ConfigError("--rescore takes no config or overrides: it only re-judges stored completions")
+    res = rescore(Path(args.target), args.judge or [], args.suite)
+    for name, per_judge in res["files"].items():
+        for judge, r in per_judge.items():
+            print(f"{name}: {judge}: {r['judged']} judged, {r['new']} new, {r['changed']} changed vs stored")
+    print(json.dumps(res["summary"], indent=2))
     return 0
 
 
@@ -132,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="evaluate a run directory or a model")
     p.add_argument("target", help="runs/<id> or a model spec")
     p.add_argument("--domain", action="append", help="utility domain(s) to evaluate")
+    p.add_argument("--rescore", action="store_true", help="re-judge stored completions (no generation)")
+    p.add_argument("--judge", action="append", help="with --rescore: judge spec NAME[:key=value,...] (repeatable)")
+    p.add_argument("--suite", action="append", help="with --rescore: only these suites (default: all judged)")
     with_cfg(p).set_defaults(fn=cmd_eval)
     with_cfg(sub.add_parser("demo", help="align, fine-tune and evaluate the embedded model")).set_defaults(fn=cmd_demo)
     sub.add_parser("ls", help="list registered components").set_defaults(fn=cmd_ls)

@@ -22,7 +22,7 @@ from torch import nn
 from safeft.config import EvalConfig
 from safeft.data.chat import collate, render
 from safeft.data.types import Example
-from safeft.eval import judges
+from safeft.eval import judges, records
 from safeft.eval.generate import GenSettings, generate
 
 
@@ -58,22 +58,37 @@ def _records(items, completions, verdicts, settings: GenSettings, suite: str) ->
     ]
 
 
+def _judge(items, comps, settings: GenSettings, judge: str, suite: str, out: Path | None):
+    """Records with the suite judge's and the incoherence rule's verdicts, written when ``out`` is given,
+    and the metrics of every judge on them (records.py defines them)."""
+    prompts = [e.prompt for e in items]
+    recs = _records(items, comps, judges.get(judge)(prompts, comps), settings, suite)
+    if judges.name_of(judge) != records.INCOHERENT:
+        records.add_verdicts(recs, judges.get(records.INCOHERENT)(prompts, comps))
+    if out is not None:
+        write_jsonl(out / f"{suite}.jsonl", recs)
+    info = {"judge": judges.name_of(judge), "judge_specs": {judges.name_of(judge): judge}}
+    return records.all_metrics(recs), info
+
+
 def harmful(model, tok, items: list[Example], settings: GenSettings, judge: str, out: Path | None) -> dict:
     comps = generate(model, tok, [e.prompt for e in items], settings, desc="harmful")
-    verdicts = judges.get(judge)([e.prompt for e in items], comps)
-    if out is not None:
-        write_jsonl(out / "harmful.jsonl", _records(items, comps, verdicts, settings, "harmful"))
-    asr = sum(bool(v.harmful) for v in verdicts) / len(verdicts)
-    return {"asr": asr, "n": len(items), "judge": judge, "max_new_tokens": settings.max_new_tokens}
+    per_judge, info = _judge(items, comps, settings, judge, "harmful", out)
+    asr = per_judge[info["judge"]].get("asr")
+    return {"asr": asr, "n": len(items), "max_new_tokens": settings.max_new_tokens, **info, "judges": per_judge}
 
 
 def over_refusal(model, tok, items: list[Example], settings: GenSettings, judge: str, out: Path | None) -> dict:
     comps = generate(model, tok, [e.prompt for e in items], settings, desc="over-refusal")
-    verdicts = judges.get(judge)([e.prompt for e in items], comps)
-    if out is not None:
-        write_jsonl(out / "over_refusal.jsonl", _records(items, comps, verdicts, settings, "over_refusal"))
-    rate = sum(bool(v.refused) for v in verdicts) / len(verdicts)
-    return {"refusal_rate": rate, "n": len(items), "judge": judge, "max_new_tokens": settings.max_new_tokens}
+    per_judge, info = _judge(items, comps, settings, judge, "over_refusal", out)
+    rate = per_judge[info["judge"]].get("refusal_rate")
+    return {
+        "refusal_rate": rate,
+        "n": len(items),
+        "max_new_tokens": settings.max_new_tokens,
+        **info,
+        "judges": per_judge,
+    }
 
 
 @torch.no_grad()
