@@ -6,6 +6,7 @@ confusion counts, precision, recall and accuracy, then which kinds of answer it 
 
     .venv/bin/python benchmarks/judge_calibration.py                      # the rule judges
     .venv/bin/python benchmarks/judge_calibration.py --errors             # and every misjudged answer
+    .venv/bin/python benchmarks/judge_calibration.py --kinds marker plain long short   # the easy cases only
     .venv/bin/python benchmarks/judge_calibration.py --judge 'llama_guard:model=/models/guard'  # any judge
 """
 
@@ -23,11 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--judge", action="append", help=f"judge spec (repeatable); default: {', '.join(RULE_JUDGES)}")
     p.add_argument("--data", help="a calibration JSONL file (default: the one shipped with safeft)")
+    p.add_argument("--kinds", nargs="+", help="only rows of these kinds (e.g. marker plain long short)")
     p.add_argument("--errors", action="store_true", help="print every misjudged answer")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
 
     rows = calibration.load(args.data)
+    if args.kinds:
+        rows = [r for r in rows if r["kind"] in args.kinds]
+        if not rows:
+            p.error(f"no rows of kinds {args.kinds}")
     specs = args.judge or list(RULE_JUDGES)
     results = [calibration.calibrate(s, rows) for s in specs]
     n_comply = sum(r["label"] == "comply" for r in rows)

@@ -92,6 +92,15 @@ def test_classifier_sigmoid_takes_the_max_harmful_label(classifier_dir):
     assert v.score == pytest.approx(float(p[1:].max()), abs=1e-5)
 
 
+def test_classifier_all_labels_harmful_with_sigmoid(classifier_dir):
+    j = judges.get(f"hf_classifier:model={classifier_dir},activation=sigmoid,harmful_labels=all,input=completion")
+    v = j(PROMPTS[:1], COMPS[:1])[0]
+    model, tok = j.load()
+    with torch.no_grad():
+        p = torch.sigmoid(model(**tok(COMPS[0], return_tensors="pt")).logits[0])
+    assert v.score == pytest.approx(float(p.max()), abs=1e-5)
+
+
 def test_classifier_label_mapping_errors_name_the_labels(classifier_dir):
     with pytest.raises(JudgeError, match="harmful_labels names 'toxic'.*'safe'"):
         judges.get(f"hf_classifier:model={classifier_dir},harmful_labels=toxic")(PROMPTS, COMPS)
