@@ -103,7 +103,8 @@ class ModelJudge:
             path = str(Path(self.model).expanduser()) if _looks_like_path(self.model) else self.model
             try:
                 tok = transformers.AutoTokenizer.from_pretrained(path)
-                model = getattr(transformers, self.MODEL_CLASS).from_pretrained(path, dtype=dtype)
+                # device_map puts the weights straight on the device (a 13B judge never sits in CPU RAM)
+                model = getattr(transformers, self.MODEL_CLASS).from_pretrained(path, dtype=dtype, device_map=device)
             except Exception as e:  # OSError, ValueError, hub errors: all mean "this model is not usable"
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise JudgeError(
@@ -113,7 +114,7 @@ class ModelJudge:
             tok.padding_side = "left"  # the answer is read at the last position of every row
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-            self._model, self._tok = model.to(device).eval(), tok
+            self._model, self._tok = model.eval(), tok
             self._after_load()
         return self._model, self._tok
 
@@ -140,9 +141,13 @@ class ModelJudge:
                 truncation=max_length > 0,
                 max_length=max_length or None,
             ).to(device)
-            with torch.no_grad():
+            with torch.no_grad():  # only ids and mask: some tokenizers add token_type_ids, which generate rejects
                 gen = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                    input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
                 )
             out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return out
