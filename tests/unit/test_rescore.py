@@ -189,3 +189,12 @@ def test_cli_checks(tmp_path, capsys):
     assert "no eval/ directory" in capsys.readouterr().err
     assert main(["eval", "--rescore", "--judge", "dummy", "--suite", "over_refusal", str(run)]) == 2
     assert "no judged records" in capsys.readouterr().err
+
+
+def test_rewritten_files_keep_their_mode(tmp_path):
+    run = make_run(tmp_path)
+    f = run / "eval" / "harmful.jsonl"
+    f.chmod(0o644)
+    records.rescore(run, ["dummy"])
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert not [p for p in (run / "eval").iterdir() if p.name.startswith(".")]  # no temp files left
