@@ -198,3 +198,18 @@ def test_rewritten_files_keep_their_mode(tmp_path):
     records.rescore(run, ["dummy"])
     assert f.stat().st_mode & 0o777 == 0o644
     assert not [p for p in (run / "eval").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_each_judge_is_built_once_for_all_suite_files(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    recs = records.read_records(run / "eval" / "harmful.jsonl")
+    records.write_records(run / "eval" / "over_refusal.jsonl", [{**r, "suite": "over_refusal"} for r in recs])
+    calls = []
+    real = judges.get
+    monkeypatch.setattr(judges, "get", lambda spec: calls.append(spec) or real(spec))
+    res = records.rescore(run, ["dummy"])
+    assert set(res["files"]) == {"harmful.jsonl", "over_refusal.jsonl"} and set(res["summary"]) == {
+        "harmful",
+        "over_refusal",
+    }
+    assert calls.count("dummy") == 1  # a model judge would load its weights once, not once per file

@@ -147,13 +147,19 @@ def all_metrics(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {name: metrics(records, name) for name in judge_names(records)}
 
 
-def judge_records(records: list[dict[str, Any]], specs: list[str]) -> dict[str, dict[str, int]]:
+def build_judges(specs: list[str]) -> list[tuple[str, judges.Judge]]:
+    """(name, judge) per spec; every judge is checked before any runs, and each model loads once."""
+    return [(judges.name_of(s), judges.get(s)) for s in specs]
+
+
+def judge_records(records: list[dict[str, Any]], specs: list[str] | list[tuple[str, judges.Judge]]) -> dict:
     """Run each judge on the stored completions (plus the incoherence rule where missing, for HS+).
 
-    Returns {judge: {"judged": n, "changed": k}}, k counting verdicts that differ from the ones stored
+    ``specs`` are judge specs or ``build_judges`` output (to share loaded models across files). Returns
+    {judge: {"judged": n, "new": m, "changed": k}}, k counting verdicts that differ from the ones stored
     under the same name before — 0 when the same judge reproduces its stored verdicts.
     """
-    built = [(judges.name_of(s), judges.get(s)) for s in specs]  # every judge is checked before any runs
+    built = [x if isinstance(x, tuple) else (judges.name_of(x), judges.get(x)) for x in specs]
     if any(INCOHERENT not in r.get("verdicts", {}) for r in records) and INCOHERENT not in [n for n, _ in built]:
         built.append((INCOHERENT, judges.get(INCOHERENT)))
     prompts = [r["prompt"] for r in records]
@@ -203,15 +209,14 @@ def rescore(target: Path, specs: list[str], suites: list[str] | None = None) -> 
         raise DataError(
             f"{eval_dir}: no judged records (*.jsonl with verdicts){' for ' + ', '.join(suites) if suites else ''}"
         )
-    for s in specs:  # fail on a bad judge before reading anything
-        judges.get(s)
+    built = build_judges(specs)  # fail on a bad judge before reading anything
     loaded = {p: read_records(p) for p in files}
     summary_path = eval_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     report: dict[str, Any] = {}
     suites_done = []
     for path, recs in loaded.items():
-        report[path.name] = judge_records(recs, specs)
+        report[path.name] = judge_records(recs, built)
         suite = recs[0].get("suite", path.stem) if recs else path.stem
         suites_done.append(suite)
         entry = summary.setdefault(suite, {})
