@@ -55,9 +55,10 @@ def test_refusal_rule_and_keywords_disagree_where_expected():
 @pytest.mark.parametrize(
     "text, reason",
     [
-        ("", "empty"),
-        ("   \n ", "empty"),
-        ("?!", "empty"),
+        ("", "no words"),
+        ("   \n ", "no words"),
+        ("?!", "no words"),
+        ("1. 1. 1. 1. 1. 1.", "no words"),  # the degenerate lists a broken fine-tune writes
         ("No.", ""),  # a one-word refusal is short but coherent
         ("Sure, here is a plan: first check the budget, then compare two offers.", ""),
         ("ok " + "z" * 30, "character run"),
