@@ -257,30 +257,39 @@ def _execute(cmd, env, workdir: Path, token: str, limits: SandboxLimits, layers:
             start_new_session=True,
             close_fds=True,
         )
-        timed_out = False
-        try:
-            proc.wait(timeout=limits.wall_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            _kill_group(proc)
+        # os.wait4 rather than Popen.wait: its rusage (which includes every descendant the child reaped)
+        # tells a CPU-limit kill apart from other deaths, which unshare does not pass on faithfully.
+        deadline = start + limits.wall_s
+        timed_out, status, usage = False, None, None
+        while status is None:
+            pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                status, usage = st, ru
+            elif time.monotonic() > deadline:
+                timed_out = True
+                _kill_group(proc.pid)
+                _, status, usage = os.wait4(proc.pid, 0)
+            else:
+                time.sleep(0.005)
+        _kill_group(proc.pid)  # stragglers outside a PID namespace
+        proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.monotonic() - start
+        cpu = usage.ru_utime + usage.ru_stime
         stdout, stderr = _tail(out, limits.output_chars), _tail(err, limits.output_chars)
     rc = None if timed_out else proc.returncode
     passed = not timed_out and rc == 0 and stdout.rstrip().endswith(token)
     if passed:
         stdout = stdout.rstrip()[: -len(token)]
     desc = ",".join([layers["desc"], "rlimits"] + (["audit-hook"] if hook else []))
-    reason = "passed" if passed else _reason(timed_out, rc, stderr, limits)
+    reason = "passed" if passed else _reason(timed_out, rc, stderr, limits, cpu)
     return SandboxResult(passed, reason, rc, stdout, stderr, wall, desc)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(pgid: int) -> None:
     # SIGKILL the whole group: with a PID namespace this kills its first process and the kernel then
     # kills every process inside it; without one, the group is all we can reach.
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def _tail(f, n: int) -> str:
@@ -288,16 +297,15 @@ def _tail(f, n: int) -> str:
     return f.read().decode("utf-8", "replace")[-n:]
 
 
-def _reason(timed_out: bool, rc: int | None, stderr: str, limits: SandboxLimits) -> str:
+def _reason(timed_out: bool, rc: int | None, stderr: str, limits: SandboxLimits, cpu: float) -> str:
     if timed_out:
         return f"timeout: still running after {limits.wall_s:g} s wall clock (killed)"
     fails = _FAIL.findall(stderr)
     detail = fails[-1][1].strip() if fails else ""
+    if not detail and cpu >= limits.cpu_s - 0.05:
+        return f"cpu time limit: {cpu:.1f} s used of {limits.cpu_s} s (killed)"
     if rc is not None and rc < 0:
-        sig = -rc
-        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and not detail):
-            return f"cpu time limit ({limits.cpu_s} s) or killed (signal {sig})"
-        return f"killed by signal {signal.Signals(sig).name}"
+        return f"killed by signal {signal.Signals(-rc).name}"
     if "MemoryError" in detail or (not detail and "MemoryError" in stderr):
         return f"memory limit ({limits.memory_mb} MB): {detail or 'MemoryError'}"
     if "safeft sandbox:" in detail:
