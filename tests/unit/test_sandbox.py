@@ -140,3 +140,31 @@ def test_evaluation_carries_on_after_hostile_samples(tmp_path):
     assert [r.passed for r in results] == [False] * 6 + [True]
     assert all(r.reason for r in results) and "SyntaxError" in results[5].reason
     assert canary.exists()
+
+
+def test_without_namespaces_the_other_layers_still_contain(tmp_path, monkeypatch):
+    """Machines without unshare: rlimits, the audit hook and (as root) the 'nobody' user must still hold."""
+    real = sandbox.isolation()
+    monkeypatch.setattr(
+        sandbox,
+        "isolation",
+        lambda: {"prefix": [], "uid": real["uid"], "desc": f"no-namespaces,uid={real['uid']}", "network": "audit-hook"},
+    )
+    before = _procs_of_sandbox_user()
+    canary = tmp_path / "canary.txt"
+    canary.write_text("keep me")
+    programs = [
+        "import os\nwhile True:\n    os.fork()\n",
+        "x = []\nwhile True:\n    x.append(bytearray(10**7))\n",
+        f"import os\nos.remove({str(canary)!r})\n",
+        "import socket\nsocket.socket()\n",
+        GOOD,
+    ]
+    results = run_many(programs, FAST, progress=False)
+    assert [r.passed for r in results] == [False] * 4 + [True], [r.reason for r in results]
+    assert "process limit" in results[0].reason and "memory limit" in results[1].reason
+    assert results[3].reason.startswith("blocked: network") and "no-namespaces" in results[4].isolation
+    assert canary.exists() and _settles_to(before)
+    if real["uid"] != os.getuid():  # as root, 'nobody' alone (no hook) keeps the user's files safe
+        r = run_code(f"import os\nos.remove({str(canary)!r})\n", FAST, hook=False)
+        assert not r.passed and canary.exists()

@@ -365,13 +365,16 @@ def _python_for(uid: int) -> str:
     for py in dict.fromkeys(c for c in candidates if c and os.path.exists(c)):
         if uid == os.getuid():
             return py
-        probe = subprocess.run(
-            [*isolation()["prefix"], py, "-I", "-S", "-c", "import math, re"],
-            capture_output=True,
-            timeout=30,
-            check=False,
-            preexec_fn=None if isolation()["prefix"] else _as_nobody,  # noqa: PLW1509
-        )
+        try:
+            probe = subprocess.run(
+                [*isolation()["prefix"], py, "-I", "-S", "-c", "import math, re"],
+                capture_output=True,
+                timeout=30,
+                check=False,
+                preexec_fn=None if isolation()["prefix"] else _as_nobody,  # noqa: PLW1509
+            )
+        except OSError:  # the exec itself was refused
+            continue
         if probe.returncode == 0:
             return py
     raise SandboxError(
