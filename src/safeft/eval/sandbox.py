@@ -235,10 +235,6 @@ def _execute(cmd, env, workdir: Path, token: str, limits: SandboxLimits, layers:
         resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
         resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if drop:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
         inp.write((token + "\n").encode())
@@ -253,9 +249,13 @@ def _execute(cmd, env, workdir: Path, token: str, limits: SandboxLimits, layers:
             stderr=err,
             cwd=workdir,
             env=env,
-            preexec_fn=preexec,  # noqa: PLW1509 - rlimits must be set in the child; we start no threads here
+            # Only setrlimit calls run between fork and exec (no imports, no locks taken), which is what
+            # keeps preexec_fn safe although tqdm may have a monitor thread running.
+            preexec_fn=preexec,  # noqa: PLW1509
             start_new_session=True,
             close_fds=True,
+            # Without unshare, we drop to 'nobody' ourselves (Popen does it in the child before preexec).
+            **(dict(user=NOBODY, group=NOBODY, extra_groups=[]) if drop else {}),
         )
         # os.wait4 rather than Popen.wait: its rusage (which includes every descendant the child reaped)
         # tells a CPU-limit kill apart from other deaths, which unshare does not pass on faithfully.
@@ -366,12 +366,13 @@ def _python_for(uid: int) -> str:
         if uid == os.getuid():
             return py
         try:
+            drop = {} if isolation()["prefix"] else dict(user=uid, group=uid, extra_groups=[])
             probe = subprocess.run(
                 [*isolation()["prefix"], py, "-I", "-S", "-c", "import math, re"],
                 capture_output=True,
                 timeout=30,
                 check=False,
-                preexec_fn=None if isolation()["prefix"] else _as_nobody,  # noqa: PLW1509
+                **drop,
             )
         except OSError:  # the exec itself was refused
             continue
@@ -381,9 +382,3 @@ def _python_for(uid: int) -> str:
         f"no Python interpreter that uid {uid} may execute (tried {', '.join(candidates)}); the sandbox "
         "runs model code as 'nobody' when safeft runs as root. Install a system python3 or run as a normal user."
     )
-
-
-def _as_nobody() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
