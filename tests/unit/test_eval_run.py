@@ -184,3 +184,17 @@ def test_cli_suite_and_limit(tiny_dir, tmp_path, capsys):
     assert list(summary) == ["over_refusal"] and summary["over_refusal"]["n"] == 2
     assert main(["eval", str(tiny_dir), f"out_dir={tmp_path}", "--suite", "harmfull"]) == 2
     assert "did you mean 'harmful'" in capsys.readouterr().err
+
+
+def test_generation_benchmark_runs_in_quick_mode(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "generation.py"
+    spec = importlib.util.spec_from_file_location("bench_generation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--tiny", "--prompts", "4", "--max-new-tokens", "3", "--dtype", "float32"])
+    assert res["prompts"] == 4 and res["settings"]["dtype"] == "float32"
+    assert res["batched"]["new_tokens"] == res["one_at_a_time"]["new_tokens"]
+    assert res["identical_completions"] == "4/4"  # fp32 on the tiny model: padding must not change outputs
