@@ -168,3 +168,18 @@ def test_without_namespaces_the_other_layers_still_contain(tmp_path, monkeypatch
     if real["uid"] != os.getuid():  # as root, 'nobody' alone (no hook) keeps the user's files safe
         r = run_code(f"import os\nos.remove({str(canary)!r})\n", FAST, hook=False)
         assert not r.passed and canary.exists()
+
+
+@pytest.mark.parametrize(
+    ("snippet", "what"),
+    [
+        ("print(open('/etc/passwd').read())\n", "reading outside"),
+        ("import subprocess\nsubprocess.run(['/bin/true'])\n", "importing _posixsubprocess"),
+        ("import os\nos.system('true')\n", "subprocesses"),
+        ("import os\nos.execv('/bin/true', ['true'])\n", "subprocesses"),
+        ("import ctypes\n", "importing ctypes"),
+    ],
+)
+def test_the_audit_hook_blocks_escape_hatches(snippet, what):
+    r = run_code(snippet, FAST)
+    assert not r.passed and r.reason.startswith("blocked: ") and what in r.reason, r.reason
