@@ -76,7 +76,7 @@ def cmd_eval(args) -> int:
         out = Path(cfg.out_dir) / (cfg.run_id or f"eval-{Path(args.target).name}")
         domains = []
     domains = args.domain or domains
-    summary = evaluate(model, tok, cfg.eval, out, domains, cfg.model.system_prompt)
+    summary = evaluate(model, tok, cfg.eval, out, domains, cfg.model.system_prompt, args.suite, args.limit)
     print(json.dumps(summary, indent=2))
     print(f"records under {out / 'eval'}")
     return 0
@@ -107,9 +107,11 @@ def cmd_ls(args) -> int:
     from safeft.data.domains import DOMAINS
     from safeft.data.sources import SOURCES
     from safeft.eval.judges import JUDGES
+    from safeft.eval.suites import SUITES
     from safeft.methods import METHODS
 
-    for title, reg in (("defenses", METHODS), ("judges", JUDGES), ("data sources", SOURCES), ("domains", DOMAINS)):
+    regs = (("defenses", METHODS), ("judges", JUDGES), ("data sources", SOURCES), ("domains", DOMAINS))
+    for title, reg in (*regs, ("eval suites", SUITES)):
         print(f"{title}:")
         for name, doc in reg.describe().items():
             stage = getattr(METHODS.get(name), "stage", "") if reg is METHODS else ""
@@ -151,9 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="evaluate a run directory or a model")
     p.add_argument("target", help="runs/<id> or a model spec")
     p.add_argument("--domain", action="append", help="utility domain(s) to evaluate")
+    p.add_argument(
+        "--suite",
+        action="append",
+        help="suite to run (repeatable): harmful[:<source>], over_refusal, utility[:<domain>], humaneval; "
+        "default: eval.suites. With --rescore: only these suites (default: all judged)",
+    )
+    p.add_argument("--limit", type=int, help="at most N items per suite (smoke runs; recorded in the summary)")
     p.add_argument("--rescore", action="store_true", help="re-judge stored completions (no generation)")
     p.add_argument("--judge", action="append", help="with --rescore: judge spec NAME[:key=value,...] (repeatable)")
-    p.add_argument("--suite", action="append", help="with --rescore: only these suites (default: all judged)")
     with_cfg(p).set_defaults(fn=cmd_eval)
     with_cfg(sub.add_parser("demo", help="align, fine-tune and evaluate the embedded model")).set_defaults(fn=cmd_demo)
     sub.add_parser("ls", help="list registered components").set_defaults(fn=cmd_ls)
@@ -163,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from safeft.data.types import DataError
+    from safeft.eval.generate import GenerationError
+    from safeft.eval.sandbox import SandboxError
     from safeft.models import ModelError
 
     try:
         return args.fn(args)
-    except (C.ConfigError, DataError, ModelError, KeyError) as e:
+    except (C.ConfigError, DataError, ModelError, KeyError, GenerationError, SandboxError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"safeft {args.verb}: error: {msg}", file=sys.stderr)
         return 2

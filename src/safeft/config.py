@@ -89,6 +89,15 @@ class EvalConfig:
     judge: str = "refusal_keywords"
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; weights are never cast)
     seed: int = 0
+    # suites run by `safeft eval` when no --suite is given: harmful[:<source>], over_refusal,
+    # utility (= utility:<the run's domain>), utility:<domain>, humaneval
+    suites: list[str] = field(default_factory=lambda: ["harmful", "over_refusal", "utility"])
+    backend: str = "hf"  # hf (transformers) | vllm (optional, CUDA only)
+    do_sample: bool = False  # greedy unless True; the sampling knobs below apply only then
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    humaneval_max_new_tokens: int = 384  # whole functions need more room than refusals do
 
 
 @dataclass

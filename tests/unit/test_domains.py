@@ -151,7 +151,8 @@ def test_reference_passes_tests_detects_a_broken_reference(splits: dict) -> None
 
 
 def test_code_checker_ignores_whitespace_but_not_content(splits: dict) -> None:
-    for e in splits["code"][1]:
+    # Wrong answers run in the sandbox (~50 ms each), so two items of each task kind rather than all 200.
+    for e in splits["code"][1][:34]:
         ref = e.meta["answer"]
         header, body = ref.split("\n")
         # Tab indentation, trailing spaces, blank lines and chatter around the fence.
@@ -162,6 +163,17 @@ def test_code_checker_ignores_whitespace_but_not_content(splits: dict) -> None:
         assert not check(e, ref.replace("return ", "return 1 + "))
         assert not check(e, f"```python\n{header}\n    pass\n```")
         assert not check(e, "I don't know.")
+
+
+def test_code_checker_runs_the_tests_so_other_correct_code_passes(splits: dict) -> None:
+    e = next(x for x in splits["code"][1] if x.meta["task"] == "add")
+    name, param = e.meta["entry_point"], e.meta["answer"].split("(")[1].split(")")[0]
+    k = int(e.meta["answer"].rsplit("+", 1)[1])
+    other = f"```python\ndef {name}({param}):\n    total = {param}\n    total += {k}\n    return total\n```"
+    ok, why = DOMAINS.get("code")().check_detail(e, other)
+    assert ok and why == "passed", why
+    ok, why = DOMAINS.get("code")().check_detail(e, f"```python\ndef {name}({param}):\n    while True: pass\n```")
+    assert not ok and ("timeout" in why or "cpu" in why)
 
 
 def test_normalise_code_keeps_indentation_structure() -> None:

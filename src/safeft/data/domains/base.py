@@ -34,6 +34,10 @@ class Domain(abc.ABC):
     def check(self, example: Example, completion: str) -> bool:
         """Return True if ``completion`` answers ``example`` correctly."""
 
+    def check_detail(self, example: Example, completion: str) -> tuple[bool, str]:
+        """``check`` plus a short reason for the record (e.g. why sandboxed code failed)."""
+        return self.check(example, completion), ""
+
 
 DOMAINS: Registry[type[Domain]] = Registry("domain")
 

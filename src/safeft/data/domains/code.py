@@ -1,11 +1,13 @@
 """Tiny Python function tasks from templates, each with a reference solution and assert-style tests.
 
-The prompt names the function and its parameter, so exactly one canonical body is expected; the
-reference response is that function in a fenced ``python`` block and nothing else.
+The prompt names the function and its parameter; the reference response is that function in a fenced
+``python`` block and nothing else. A completion is correct when its code passes the item's assert tests,
+run in ``safeft.eval.sandbox`` (model output is never executed in our own process).
 """
 
 from __future__ import annotations
 
+import ast
 import random
 import re
 import string
@@ -232,6 +234,12 @@ _TASKS: tuple[Callable[[random.Random], Spec], ...] = (
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
+def extract_code(text: str) -> str:
+    """The first fenced block of ``text`` (an unclosed fence runs to the end), else the whole text."""
+    match = _FENCE.search(text)
+    return (match.group(1) if match else text).strip("\n")
+
+
 def normalise_code(text: str) -> str:
     """Canonical form for exact-match scoring.
 
@@ -266,7 +274,7 @@ def reference_passes_tests(example: Example) -> bool:
 
 @DOMAINS.register("code")
 class Code(Domain):
-    """Small Python function-writing tasks scored by exact match against a canonical reference."""
+    """Small Python function-writing tasks, scored by running their assert tests in the sandbox."""
 
     name = "code"
 
@@ -292,9 +300,25 @@ class Code(Domain):
         )
 
     def check(self, example: Example, completion: str) -> bool:
-        """Exact match after ``normalise_code``.
+        return self.check_detail(example, completion)[0]
 
-        This is a strict stand-in: a correct but differently written body is rejected. Executing the
-        example's ``tests`` against model output in a sandbox comes with the evaluation harness.
+    def check_detail(self, example: Example, completion: str) -> tuple[bool, str]:
+        """Run the example's assert tests against the completion's code in the sandbox.
+
+        Two shortcuts skip the sandbox without changing any verdict: code that does not parse fails, and
+        code whose syntax tree equals the reference's (formatting aside) passes, because the reference is
+        checked against the same tests (``reference_passes_tests``, in the unit tests).
         """
-        return normalise_code(completion) == normalise_code(example.meta["answer"])
+        code = extract_code(completion)
+        try:
+            tree = ast.dump(ast.parse(code))
+        except (SyntaxError, ValueError) as e:
+            return False, f"does not parse: {type(e).__name__}"
+        if tree == ast.dump(ast.parse(example.meta["answer"])):
+            return True, "passed (same syntax tree as the reference)"
+        from safeft.eval.sandbox import SandboxLimits, run_code
+
+        # One-line functions finish in milliseconds: the limits only bound a runaway or hostile answer.
+        limits = SandboxLimits(wall_s=5.0, cpu_s=2, memory_mb=512)
+        res = run_code([code, "\n".join(example.meta["tests"]) + "\n"], limits)
+        return res.passed, res.reason
