@@ -57,6 +57,9 @@ def test_identical_models_give_cka_one_and_kl_zero(tiny):
     for s in ("last", "mean", "token"):
         assert np.allclose(res.cka[s], 1.0, atol=1e-9), s
     assert abs(res.kl) < 1e-9 and res.n_prompts == 10
+    rows = _rows(tok, PROMPTS)
+    kept = compare_models(model, model, rows, tok.pad_token_id, batch_size=4, keep_prefix=True)
+    assert kept.n_tokens == sum(len(r.input_ids) - 1 for r in rows) > res.n_tokens  # only the first token dropped
 
 
 def test_drift_matches_a_direct_computation_and_sees_the_changed_layer(tiny, tiny_dir):
