@@ -161,3 +161,22 @@ def test_gram_form_and_minibatch_share_the_invariances(rng):
     assert float(minibatch_cka([(Xt[:32], Y[:32]), (Xt[32:], Y[32:])])) == pytest.approx(mb, abs=1e-10)
     A = np.diag([10.0, 1, 1, 1, 1, 1, 1, 0.1]) @ Q
     assert abs(float(minibatch_cka([(X[:32] @ A, Y[:32]), (X[32:] @ A, Y[32:])])) - mb) > 1e-3
+
+
+def test_streaming_cka_with_fp32_products_stays_close_despite_massive_offsets(rng):
+    from safeft.diagnose.cka import StreamingCKA
+
+    # a few huge, nearly constant channels (LLM massive activations) on top of the informative ones
+    X = rng.normal(size=(3000, 32))
+    X[:, :3] += np.array([800.0, -300.0, 150.0])
+    Y = X @ rng.normal(size=(32, 32)) * 0.1 + 0.5 * rng.normal(size=(3000, 32))
+    Y[:, 5] += 1000.0
+    full = naive_cka(X, Y)
+    s64, s32 = StreamingCKA(), StreamingCKA(torch.float32)
+    for i in range(0, 3000, 250):
+        s64.update(X[i : i + 250], Y[i : i + 250])
+        s32.update(X[i : i + 250], Y[i : i + 250])
+    assert float(s64.value()) == pytest.approx(full, abs=1e-8)
+    assert float(s32.value()) == pytest.approx(full, abs=1e-5)
+    with pytest.raises(ValueError, match="never bf16"):
+        StreamingCKA(torch.bfloat16)

@@ -147,12 +147,22 @@ class StreamingCKA:
 
     ``update(X_b, Y_b)`` takes the same n_b samples from both representations (n_b x p1, n_b x p2); ``value()``
     is ``linear_cka`` of all chunks stacked. Accumulators live on the device of the first chunk.
+
+    Every chunk is shifted by the first chunk's column means before its products are formed. Centred
+    second moments do not depend on a constant shift, so this changes nothing in exact arithmetic, but it
+    removes the large common offsets (LLM "massive activations") before the products, so the final
+    centring cancels small numbers instead of huge ones. That is what makes ``product_dtype=torch.float32``
+    safe (spec §8.3 allows fp32, never bf16): the per-chunk products then cost half as much on CPU, while the
+    accumulators, sums and the final algebra stay fp64.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, product_dtype: torch.dtype = torch.float64) -> None:
+        if product_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"product_dtype must be float64 or float32 (never bf16), not {product_dtype}")
+        self.product_dtype = product_dtype
         self.n = 0
         self.sxx: torch.Tensor | None = None
-        self.syy = self.sxy = self.sx = self.sy = torch.zeros(())
+        self.syy = self.sxy = self.sx = self.sy = self.mx = self.my = torch.zeros(())
 
     def update(self, X: Any, Y: Any) -> None:
         x, y = _f64(X, "X"), _f64(Y, "Y")
@@ -162,14 +172,17 @@ class StreamingCKA:
             self.syy = y.new_zeros(y.shape[1], y.shape[1])
             self.sxy = x.new_zeros(x.shape[1], y.shape[1])
             self.sx, self.sy = x.new_zeros(x.shape[1]), y.new_zeros(y.shape[1])
+            self.mx, self.my = x.mean(dim=0), y.mean(dim=0)
         elif x.shape[1] != self.sxx.shape[0] or y.shape[1] != self.syy.shape[0]:
             raise ValueError(
                 f"feature widths changed mid-stream: {x.shape[1]}/{y.shape[1]} "
                 f"vs {self.sxx.shape[0]}/{self.syy.shape[0]}"
             )
-        self.sxx += x.T @ x
-        self.syy += y.T @ y
-        self.sxy += x.T @ y
+        x, y = x - self.mx, y - self.my
+        xp, yp = x.to(self.product_dtype), y.to(self.product_dtype)
+        self.sxx += (xp.T @ xp).double()
+        self.syy += (yp.T @ yp).double()
+        self.sxy += (xp.T @ yp).double()
         self.sx += x.sum(dim=0)
         self.sy += y.sum(dim=0)
         self.n += x.shape[0]
