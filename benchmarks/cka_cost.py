@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny random models (quick check)")
+    p.add_argument("--fp32", action="store_true", help="also time fp32 token-level products (--fp32-products)")
     args = p.parse_args(argv)
 
     spec = args.model
@@ -81,22 +82,31 @@ def main(argv: list[str] | None = None) -> None:
             plain(ref, mod, rows, tok.pad_token_id, args.batch_size)
         return time.perf_counter() - t
 
-    def run_cka() -> float:
+    def run_cka(fp32: bool) -> float:
         t = time.perf_counter()
         for rows in sets.values():
-            compare_models(mod, ref, rows, tok.pad_token_id, batch_size=args.batch_size)
+            compare_models(mod, ref, rows, tok.pad_token_id, batch_size=args.batch_size, fp32_products=fp32)
         return time.perf_counter() - t
 
-    run_plain(), run_cka()  # warm-up (allocator, kernels)
-    tp, tc = [], []
+    run_plain(), run_cka(False)  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {"plain": [], "fp64": [], "fp32": []}
     for _ in range(args.repeats):
-        tp.append(run_plain())
-        tc.append(run_cka())
-    mp, mc = statistics.median(tp), statistics.median(tc)
-    print(f"plain forwards (2 models): {mp:.2f} s   (runs: {', '.join(f'{x:.2f}' for x in tp)})")
-    print(f"all-layer CKA + KL:        {mc:.2f} s   (runs: {', '.join(f'{x:.2f}' for x in tc)})")
-    ratio = mc / mp
-    print(f"ratio: {ratio:.3f}x  (target <= 1.15x) -> {'OK' if ratio <= 1.15 else 'OVER'}")
+        times["plain"].append(run_plain())
+        times["fp64"].append(run_cka(False))
+        if args.fp32:
+            times["fp32"].append(run_cka(True))
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    labels = {
+        "plain": "plain forwards (2 models)",
+        "fp64": "all-layer CKA + KL (fp64)",
+        "fp32": "same, fp32 token products",
+    }
+    for k, m in med.items():
+        print(f"{labels[k]:<27} {m:7.2f} s   (runs: {', '.join(f'{x:.2f}' for x in times[k])})")
+    for k in ("fp64", "fp32"):
+        if k in med:
+            ratio = med[k] / med["plain"]
+            print(f"ratio {k}: {ratio:.3f}x  (target <= 1.15x) -> {'OK' if ratio <= 1.15 else 'OVER'}")
     sys.stdout.flush()
 
 

@@ -93,6 +93,8 @@ def test_drift_matches_a_direct_computation_and_sees_the_changed_layer(tiny, tin
         direct = float(linear_cka(cat(feats["ref"][s]), cat(feats["mod"][s])))
         assert res.cka[s][0] == pytest.approx(direct, abs=1e-6)
     assert res.n_tokens == sum(len(r.input_ids) - skip for r in rows)
+    fast = compare_models(other, model, rows, tok.pad_token_id, batch_size=3, fp32_products=True)
+    assert np.allclose(fast.cka["token"], res.cka["token"], atol=1e-6) and fast.cka["mean"] == res.cka["mean"]
 
 
 def test_shared_prefix_is_the_common_template_head(tiny):

@@ -60,6 +60,7 @@ class DriftConfig:
     batch_size: int = 16
     keep_prefix: bool = False  # keep the template prefix shared by all prompts in mean/token samples
     asr_prompts: int = 0  # > 0: compute ASR at every checkpoint on this many harmful prompts when the run did not
+    fp32_products: bool = False  # token-level CKA: fp32 chunk products (fp64 accumulators; ~2x cheaper on CPU)
 
 
 # ----------------------------------------------------------------------------- probe sets
@@ -119,9 +120,9 @@ class PairResult:
 class PairMeter:
     """Accumulates, batch by batch, everything needed for CKA (three sample definitions) and KL."""
 
-    def __init__(self, layers: list[int]) -> None:
+    def __init__(self, layers: list[int], product_dtype: torch.dtype = torch.float64) -> None:
         self.layers = layers
-        self.stream = {i: StreamingCKA() for i in layers}
+        self.stream = {i: StreamingCKA(product_dtype) for i in layers}
         self.pooled: dict[str, dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]] = {
             s: {i: ([], []) for i in layers} for s in ("last", "mean")
         }
@@ -166,6 +167,7 @@ def compare_models(
     keep_prefix: bool = False,
     progress: bool = False,
     desc: str = "cka",
+    fp32_products: bool = False,
 ) -> PairResult:
     """CKA per layer (three sample definitions) and next-token KL between ``reference`` and ``model`` on ``rows``.
 
@@ -176,7 +178,7 @@ def compare_models(
 
     layers = list(range(len(models.decoder_layers(model)))) if layers is None else layers
     skip = 1 if keep_prefix else shared_prefix_len(rows)
-    meter = PairMeter(layers)
+    meter = PairMeter(layers, torch.float32 if fp32_products else torch.float64)
     device = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -328,6 +330,7 @@ def diagnose_run(run_dir: Path, dc: DriftConfig = DriftConfig(), progress: bool 
                 rm.tok.pad_token_id,
                 batch_size=dc.batch_size,
                 keep_prefix=dc.keep_prefix,
+                fp32_products=dc.fp32_products,
                 progress=progress,
                 desc=f"step {step} {p}",
             )
