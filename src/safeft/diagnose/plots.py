@@ -91,13 +91,17 @@ def plot_overview(records: list[dict[str, Any]], summaries: list[dict[str, Any]]
     plt = _plt()
     rows = len(records)
     fig, axes = plt.subplots(rows, 4, figsize=(19, 4.2 * rows), squeeze=False)
-    vmax = _vmax(records, PROBES, sample)
-    kl_max = max(max(st["probes"]["harmful"]["kl"] for st in r["steps"]) for r in records) * 1.1 + 1e-9
-    bar_max = vmax * 1.1
+    # one colour scale per probe set, shared by the runs: harmful drift is often several times smaller than
+    # benign (task) drift, and a common scale would paint it black
+    vmax = {p: _vmax(records, [p], sample) for p in PROBES}
+    kl_max = max(st["probes"][p]["kl"] for r in records for st in r["steps"] for p in PROBES) * 1.1 + 1e-9
+    bar_max = max(vmax.values()) * 1.1
     for row, (rec, summ) in enumerate(zip(records, summaries, strict=True)):
         name = rec["name"]
         for col, p in enumerate(PROBES):
-            im = _heatmap(axes[row][col], rec, p, sample, vmax, f"{name}: 1 − CKA, {p} probes ({SAMPLE_NAMES[sample]})")
+            im = _heatmap(
+                axes[row][col], rec, p, sample, vmax[p], f"{name}: 1 − CKA, {p} probes ({SAMPLE_NAMES[sample]})"
+            )
             fig.colorbar(im, ax=axes[row][col], fraction=0.046)
         ax = axes[row][2]
         steps = [st["step"] for st in rec["steps"]]
@@ -147,9 +151,8 @@ def plot_heatmaps(record: dict[str, Any], out: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(len(PROBES), len(SAMPLES), figsize=(5 * len(SAMPLES), 3.8 * len(PROBES)), squeeze=False)
     for j, s in enumerate(SAMPLES):
-        vmax = _vmax([record], PROBES, s)
         for i, p in enumerate(PROBES):
-            im = _heatmap(axes[i][j], record, p, s, vmax, f"1 − CKA, {p} probes, {SAMPLE_NAMES[s]}")
+            im = _heatmap(axes[i][j], record, p, s, _vmax([record], [p], s), f"1 − CKA, {p} probes, {SAMPLE_NAMES[s]}")
             fig.colorbar(im, ax=axes[i][j], fraction=0.046)
     fig.suptitle(f"{record['name']}: drift from the aligned reference, every sample definition", fontsize=10)
     fig.tight_layout()
