@@ -105,7 +105,7 @@ def test_shared_prefix_is_the_common_template_head(tiny):
     assert len({r.input_ids[n] for r in rows}) > 1
 
 
-def test_diagnose_run_covers_every_checkpoint_and_reads_the_logged_asr(tiny_run):
+def test_diagnose_run_covers_every_checkpoint_and_reads_the_logged_asr(tiny_run, monkeypatch):
     rec = diagnose_run(tiny_run, TINY, progress=False)
     assert [s["step"] for s in rec["steps"]] == [0, 2, 4]
     logged = [json.loads(x) for x in (tiny_run / "evals.jsonl").read_text().splitlines()]
@@ -114,7 +114,13 @@ def test_diagnose_run_covers_every_checkpoint_and_reads_the_logged_asr(tiny_run)
     assert len(last["cka"]["mean"]) == 2 and last["kl"] > 0 and all(c < 1 for c in last["cka"]["token"])
     # cached: a second call reads the per-step files (same numbers, no recomputation)
     cached = (tiny_run / "diagnose" / "steps" / "step-000004.json").stat().st_mtime
-    again = diagnose_run(tiny_run, TINY, progress=False)
+    from safeft.diagnose import drift
+
+    def no_model(*a, **k):
+        raise AssertionError("a fully cached diagnosis must not load the model")
+
+    monkeypatch.setattr(drift, "open_run", no_model)
+    again = diagnose_run(tiny_run, DriftConfig(n_harmful=8, n_benign=8, batch_size=5), progress=False)
     assert again["steps"] == rec["steps"]
     assert (tiny_run / "diagnose" / "steps" / "step-000004.json").stat().st_mtime == cached
 

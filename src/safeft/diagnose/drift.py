@@ -281,75 +281,99 @@ def _asr_now(rm: RunModels, examples: list[Example], reference: bool) -> dict[st
 
 def diagnose_run(run_dir: Path, dc: DriftConfig = DriftConfig(), progress: bool = True) -> dict[str, Any]:
     """Drift of every checkpoint of ``run_dir``; cached per step under ``<run>/diagnose/steps``. Returns
-    ``{"run", "layers", "steps": [{step, asr, probes: {harmful|benign: {cka: {sample: [..]}, kl, ...}}}]}``."""
+    ``{"run", "layers", "steps": [{step, asr, probes: {harmful|benign: {cka: {sample: [..]}, kl, ...}}}]}``.
+
+    The model is loaded only if some checkpoint (or a requested ASR) is not cached yet, so re-plotting a
+    diagnosed run costs no forward pass."""
     from tqdm.auto import tqdm
 
     from safeft.train import iter_checkpoints
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise C.ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     ckpts = list(iter_checkpoints(run_dir))
     if not ckpts:
         raise C.ConfigError(f"{run_dir}: no complete checkpoint to diagnose (train with train.save_every=N)")
-    rm = open_run(run_dir)
-    n_layers = len(models.decoder_layers(rm.model))
-    examples = probe_examples(rm.cfg, dc)
-    max_len = rm.cfg.data.max_length if rm.cfg.data else None
-    rows = {p: [render(rm.tok, ex, rm.cfg.model.system_prompt, max_len) for ex in examples[p]] for p in PROBES}
+    cfg = C.load(run_dir / "config.yaml")
+    examples = probe_examples(cfg, dc)
     asr_items = examples["harmful"][: dc.asr_prompts]
     if dc.asr_prompts > len(examples["harmful"]):
         from safeft.data.splits import safety_splits
         from safeft.eval.suites import subset
 
-        asr_items = subset(safety_splits(seed=rm.cfg.eval.seed).test, dc.asr_prompts, rm.cfg.eval.seed)
+        asr_items = subset(safety_splits(seed=cfg.eval.seed).test, dc.asr_prompts, cfg.eval.seed)
     logged = logged_asr(run_dir)
     cache = run_dir / "diagnose" / "steps"
     cache.mkdir(parents=True, exist_ok=True)
-    settings = {**asdict(dc), "layers": n_layers}
+    # what the numbers depend on (not batch size or the ASR request): a cached step with the same key is reused
+    key = {"n_harmful": dc.n_harmful, "n_benign": dc.n_benign, "keep_prefix": dc.keep_prefix}
+    key["fp32_products"] = dc.fp32_products
+    state: dict[str, Any] = {}
+
+    def run_models() -> tuple[RunModels, dict[str, list[Rendered]]]:
+        if "rm" not in state:  # loaded on first need only
+            rm = open_run(run_dir)
+            max_len = rm.cfg.data.max_length if rm.cfg.data else None
+            state["rm"] = rm
+            state["rows"] = {
+                p: [render(rm.tok, ex, rm.cfg.model.system_prompt, max_len) for ex in examples[p]] for p in PROBES
+            }
+        return state["rm"], state["rows"]
+
+    def want_asr(rec: dict[str, Any]) -> bool:
+        return (
+            bool(dc.asr_prompts)
+            and rec["step"] not in logged
+            and (rec.get("asr_computed") or {}).get("n") != len(asr_items)
+        )
 
     steps: list[dict[str, Any]] = []
+    for step, ckpt in tqdm(ckpts, desc=f"diagnose {run_dir.name}", disable=not progress):
+        path = cache / f"step-{step:06d}.json"
+        rec = json.loads(path.read_text()) if path.exists() else None
+        if rec is None or any(rec.get("settings", {}).get(k) != v for k, v in key.items()):
+            rm, rows = run_models()
+            rm.load(ckpt)
+            rec = {"step": step, "settings": key, "probes": {}}
+            for p in PROBES:
+                res = compare_models(
+                    rm.model,
+                    rm.reference(),
+                    rows[p],
+                    rm.tok.pad_token_id,
+                    batch_size=dc.batch_size,
+                    keep_prefix=dc.keep_prefix,
+                    fp32_products=dc.fp32_products,
+                    progress=progress,
+                    desc=f"step {step} {p}",
+                )
+                rec["probes"][p] = asdict(res)
+            _atomic_write(path, rec)
+        if want_asr(rec):
+            rm, _ = run_models()
+            rm.load(ckpt)
+            rec["asr_computed"] = _asr_now(rm, asr_items, reference=False)
+            _atomic_write(path, rec)
+        steps.append(rec)
+    n_layers = len(steps[0]["probes"]["harmful"]["cka"]["mean"])
     ones = {s: [1.0] * n_layers for s in SAMPLES}
     step0: dict[str, Any] = {
         "step": 0,
-        "probes": {p: {"cka": ones, "kl": 0.0, "n_prompts": len(rows[p]), "by_construction": True} for p in PROBES},
+        "probes": {p: {"cka": ones, "kl": 0.0, "n_prompts": len(examples[p]), "by_construction": True} for p in PROBES},
     }
-    steps.append(step0)
-    for step, ckpt in tqdm(ckpts, desc=f"diagnose {run_dir.name}", disable=not progress):
-        path = cache / f"step-{step:06d}.json"
-        if path.exists():
-            rec = json.loads(path.read_text())
-            if rec.get("settings") == settings:
-                steps.append(rec)
-                continue
-        rm.load(ckpt)
-        rec = {"step": step, "settings": settings, "probes": {}}
-        for p in PROBES:
-            res = compare_models(
-                rm.model,
-                rm.reference(),
-                rows[p],
-                rm.tok.pad_token_id,
-                batch_size=dc.batch_size,
-                keep_prefix=dc.keep_prefix,
-                fp32_products=dc.fp32_products,
-                progress=progress,
-                desc=f"step {step} {p}",
-            )
-            rec["probes"][p] = asdict(res)
-        if dc.asr_prompts and step not in logged:
-            rec["asr_computed"] = _asr_now(rm, asr_items, reference=False)
-        _atomic_write(path, rec)
-        steps.append(rec)
-    if dc.asr_prompts and 0 not in logged:
-        path = cache / "step-000000-asr.json"
-        if path.exists() and json.loads(path.read_text()).get("n") == len(asr_items):
-            step0["asr_computed"] = json.loads(path.read_text())
-        else:
-            step0["asr_computed"] = _asr_now(rm, asr_items, reference=True)
-            _atomic_write(path, step0["asr_computed"])
+    path0 = cache / "step-000000-asr.json"
+    if path0.exists():
+        step0["asr_computed"] = json.loads(path0.read_text())
+    if want_asr(step0):
+        step0["asr_computed"] = _asr_now(run_models()[0], asr_items, reference=True)
+        _atomic_write(path0, step0["asr_computed"])
+    steps.insert(0, step0)
     for rec in steps:
-        src = logged.get(rec["step"]) or rec.get("asr_computed")
+        src = logged.get(rec["step"]) or (rec.get("asr_computed") if dc.asr_prompts else None)
         rec["asr"] = None if src is None else src["asr"]
         rec["asr_n"] = None if src is None else src["n"]
+    settings = {**asdict(dc), "layers": n_layers}
     return {"run": str(run_dir), "name": run_dir.name, "layers": n_layers, "config": settings, "steps": steps}
 
 
