@@ -193,3 +193,17 @@ def test_a_run_unsafe_from_the_start_has_no_onset():
     assert summ["onset_asr_step"] is None and summ["unsafe_at_start"]
     assert "already ≥ 50% at step 0" in summ["verdict"] and summ["concentrated_layers"] == [5]
     assert "layer 5 (" in summ["verdict"]
+
+
+def test_layers_are_ranked_by_the_drift_at_the_onset_not_by_later_task_drift():
+    # collapse at step 15 moves the last layers; afterwards task learning moves early layers even more
+    rec = _record([0.01] * 6, [0.0, 1.0, 1.0, 1.0], [0.0, 0.9, 0.9, 0.9])
+    late = [0.0, 0.0, 0.0, 0.0, 0.01, 0.02]
+    for t, st in enumerate(rec["steps"]):
+        early = [0.05 * max(t - 1, 0)] * 2 + [0.0] * 4
+        cka = [1 - (late[i] if t else 0) - early[i] for i in range(6)]
+        for p in ("harmful", "benign"):
+            st["probes"][p]["cka"] = {s: cka for s in ("mean", "last", "token")}
+    summ = localise(rec)
+    assert summ["onset_step"] == 15 and summ["drift_rise_step"] == 15
+    assert summ["concentrated_layers"] == [5] and summ["concentrated_layers_final"] == [0]
