@@ -127,7 +127,9 @@ def plot_overview(records: list[dict[str, Any]], summaries: list[dict[str, Any]]
         ax.set_title(f"{name}: ASR and KL vs step", fontsize=9)
         ax = axes[row][3]
         n = rec["layers"]
-        final = rec["steps"][-1]["probes"]
+        # bars at the step the localisation ranks layers by (the onset, else the final checkpoint)
+        at_step = summ.get("drift_rise_step", rec["steps"][-1]["step"])
+        final = next(st for st in rec["steps"] if st["step"] == at_step)["probes"]
         width = 0.4
         for k, p in enumerate(PROBES):
             vals = [1 - c for c in final[p]["cka"][sample]]
@@ -137,9 +139,11 @@ def plot_overview(records: list[dict[str, Any]], summaries: list[dict[str, Any]]
         ax.set_ylim(0, bar_max)
         ax.set_xlabel("layer (0-based block); shaded: concentrated")
         ax.xaxis.set_major_locator(_int_ticks())
-        ax.set_ylabel("1 − CKA at the final step")
+        ax.set_ylabel(f"1 − CKA at step {at_step}")
         ax.legend(fontsize=7)
-        ax.set_title(f"{name}: per-layer drift at step {rec['steps'][-1]['step']}", fontsize=9)
+        ax.set_title(
+            f"{name}: per-layer drift at step {at_step} ({'onset' if summ.get('onset_step') else 'final'})", fontsize=9
+        )
     fig.suptitle("\n".join(s["verdict"] for s in summaries), fontsize=8, y=1.0)
     fig.tight_layout()
     fig.savefig(out, dpi=80, bbox_inches="tight")
