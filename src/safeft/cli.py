@@ -7,6 +7,7 @@ safeft eval     --rescore --judge J runs/<id>  re-judge the stored completions (
 safeft demo     [--config F] [key=value ...]   align -> fine-tune -> evaluate on the embedded model
 safeft ls                                       registered defenses, judges, data sources, domains
 safeft validate [--config F] [key=value ...]   check a config and load its data, without training
+safeft diagnose RUN [--compare RUN2] [...]     layer-wise CKA / KL / ASR over a run's checkpoints, with pictures
 """
 
 from __future__ import annotations
@@ -133,6 +134,28 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    from safeft.diagnose.drift import DriftConfig
+    from safeft.diagnose.localise import Thresholds
+    from safeft.diagnose.report import diagnose
+
+    if args.sample not in ("mean", "last", "token"):
+        raise C.ConfigError(f"--sample must be mean, last or token, not {args.sample!r}")
+    dc = DriftConfig(
+        args.n_harmful, args.n_benign, args.batch_size, args.keep_prefix, args.eval_asr, args.fp32_products
+    )
+    if min(dc.n_harmful, dc.n_benign) < 4 or dc.batch_size < 1 or dc.asr_prompts < 0:
+        raise C.ConfigError("--n-harmful and --n-benign must be >= 4, --batch-size >= 1, --eval-asr >= 0")
+    th = Thresholds(args.asr_threshold, args.kl_threshold, args.sample)
+    res = diagnose(Path(args.run), Path(args.compare) if args.compare else None, args.out and Path(args.out), dc, th)
+    print(res["verdict"])
+    if res["compare"]:
+        print(res["compare"]["verdict"])
+    out = Path(args.out) if args.out else Path(args.run) / "diagnose"
+    print(f"figures, CSVs and summary.json under {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safeft", description="Safety-preserving fine-tuning toolkit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -166,6 +189,27 @@ def main(argv: list[str] | None = None) -> int:
     with_cfg(sub.add_parser("demo", help="align, fine-tune and evaluate the embedded model")).set_defaults(fn=cmd_demo)
     sub.add_parser("ls", help="list registered components").set_defaults(fn=cmd_ls)
     with_cfg(sub.add_parser("validate", help="check a config and its data")).set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("diagnose", help="where and when safety collapses: layer-wise CKA, KL and ASR over training")
+    p.add_argument("run", help="runs/<id> with checkpoints (train.save_every=N)")
+    p.add_argument("--compare", help="a second run, drawn side by side (e.g. SFT vs a defense)")
+    p.add_argument("--out", help="output directory (default RUN/diagnose)")
+    p.add_argument(
+        "--eval-asr",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compute ASR on N harmful prompts per checkpoint when the run did not log it (train.eval_every)",
+    )
+    p.add_argument("--n-harmful", type=int, default=64, help="harmful probe prompts (HarmBench test subset)")
+    p.add_argument("--n-benign", type=int, default=64, help="benign probe prompts (task domain test split)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--keep-prefix", action="store_true", help="keep the template prefix shared by all prompts")
+    p.add_argument("--fp32-products", action="store_true", help="token-level CKA: fp32 chunk products, fp64 sums")
+    p.add_argument("--sample", default="mean", help="sample definition for localisation: mean | last | token")
+    p.add_argument("--asr-threshold", type=float, default=0.5, help="onset: first step with ASR >= this")
+    p.add_argument("--kl-threshold", type=float, default=0.5, help="onset: first step with harmful KL >= this")
+    p.set_defaults(fn=cmd_diagnose)
 
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.INFO

@@ -70,6 +70,10 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # checkpoint every N steps; 0 = only the final step
     log_every: int = 1
+    # ASR on the first ``eval_n_harmful`` prompts of the HarmBench test subset at step 0 and every N steps
+    # (judge, max_new_tokens, seed from the eval section); 0 = off. ``safeft diagnose`` plots it over steps.
+    eval_every: int = 0
+    eval_n_harmful: int = 20
 
 
 @dataclass

@@ -248,6 +248,60 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+# ----------------------------------------------------------------------------- periodic ASR
+
+
+class PeriodicASR:
+    """ASR on a fixed harmful subset at step 0 and every ``train.eval_every`` steps.
+
+    Generic: it evaluates whatever model the loop trains, whatever the defense. One line per evaluation goes
+    to ``evals.jsonl`` (step, asr, n, judge, max_new_tokens) and the per-sample records to
+    ``eval_steps/step-N/harmful.jsonl``, so the curve can be re-scored with another judge. Prompts: the
+    first ``train.eval_n_harmful`` of the HarmBench test subset the final evaluation uses (same seed), so
+    the last point of the curve is comparable with (a subset of) ``safeft eval``.
+    """
+
+    def __init__(self, cfg: C.RunConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.path = run_dir / "evals.jsonl"
+        self._items: list[Example] | None = None
+
+    def items(self) -> list[Example]:
+        if self._items is None:
+            from safeft.data.splits import safety_splits
+            from safeft.eval.suites import subset
+
+            ev = self.cfg.eval
+            test = subset(safety_splits(seed=ev.seed).test, ev.n_harmful, ev.seed)
+            self._items = test[: self.cfg.train.eval_n_harmful]
+        return self._items
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return every > 0 and step % every == 0
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        from safeft.eval.generate import GenSettings
+        from safeft.eval.suites import harmful
+
+        ev = self.cfg.eval
+        settings = GenSettings(
+            ev.max_new_tokens, ev.batch_size, system_prompt=self.cfg.model.system_prompt, precision=ev.precision
+        )
+        out = self.run_dir / "eval_steps" / f"step-{ctx.step:06d}"
+        # Greedy generation draws no random numbers, but isolate the RNG anyway: a sampled judge or a
+        # future setting must not change the training trajectory.
+        rng = _rng_state()
+        try:
+            res = harmful(ctx.accelerator.unwrap_model(ctx.model), ctx.tokenizer, self.items(), settings, ev.judge, out)
+        finally:
+            _set_rng_state(rng)
+        line = {"step": ctx.step, **res}
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        return line
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -322,6 +376,8 @@ def train(
     P.pick(tc.precision)
     if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1:
         raise C.ConfigError("train.steps, train.batch_size and train.grad_accum must be >= 1")
+    if tc.eval_every < 0 or tc.eval_n_harmful < 1:
+        raise C.ConfigError("train.eval_every must be >= 0 (0 = off) and train.eval_n_harmful >= 1")
     defense = methods.build(cfg.defense)
     examples = examples if examples is not None else _load_task_examples(cfg)
     # Aux data the defense declares and the caller did not pass in (the CLI path) comes from the splits.
@@ -361,6 +417,11 @@ def train(
         log.info("resuming %s from step %d", run_dir, ctx.step)
     elif metrics_path.exists():
         metrics_path.unlink()
+    asr = PeriodicASR(cfg, run_dir)
+    if done:
+        _truncate_metrics(asr.path, ctx.step)
+    elif asr.path.exists():
+        asr.path.unlink()
 
     setup_passes = dict(ctx.passes)
     # setup may draw random numbers (a PGD init, a sample of probes). It runs on a fresh run after seeding
@@ -380,6 +441,8 @@ def train(
 
     bar = tqdm(total=tc.steps, initial=ctx.step, desc=f"train {cfg.defense.name}", disable=not progress)
     try:
+        if ctx.step == 0 and asr.due(0):  # the starting point of the ASR curve (the aligned model)
+            asr.run(ctx)
         with metrics_path.open("a") as mf:
             while ctx.step < tc.steps:
                 t0 = time.perf_counter()
@@ -409,9 +472,11 @@ def train(
                 row.update({f"passes/{k}": v for k, v in ctx.passes.items()})
                 row["tokens"] = tokens
                 row["time/step_s"] = time.perf_counter() - t0
+                if asr.due(ctx.step):
+                    row["eval/asr"] = asr.run(ctx)["asr"]
                 last_loss = total
                 history.append(row)
-                if ctx.step % tc.log_every == 0 or ctx.step == tc.steps:
+                if ctx.step % tc.log_every == 0 or ctx.step == tc.steps or "eval/asr" in row:
                     mf.write(json.dumps(row) + "\n")
                     mf.flush()
                 bar.update(1)

@@ -104,3 +104,79 @@ def test_minibatch_cka_approaches_the_full_data_cka_as_batches_grow(rng):
     # averaging *biased* per-batch CKAs at small batches is far off: that is why the HSIC terms are averaged
     naive_mean = np.mean([naive_cka(X[i : i + 8], Y[i : i + 8]) for i in range(0, n, 8)])
     assert abs(naive_mean - full) > 5 * errors[8]
+
+
+def test_ucentring_form_gives_the_same_unbiased_hsic(rng):
+    from safeft.diagnose.cka import ucenter
+
+    X, Y = rng.normal(size=(12, 5)), rng.normal(size=(12, 4))
+    K, L = X @ X.T, Y @ Y.T
+    via_u = float((ucenter(K) * ucenter(L)).sum()) / (12 * 9)
+    assert via_u == pytest.approx(float(hsic_unbiased(K, L)), rel=1e-10)
+    with pytest.raises(ValueError, match="n >= 4"):
+        ucenter(K[:3, :3])
+    with pytest.raises(ValueError, match="n >= 4"):
+        minibatch_cka([(X[:3], Y[:3])])
+
+
+def test_streaming_cka_equals_full_data_cka_whatever_the_chunking(rng):
+    from safeft.diagnose.cka import StreamingCKA
+
+    # large offsets and unequal chunks: the centring-at-the-end algebra must stay exact in fp64
+    X = rng.normal(size=(1000, 9)) + 50.0
+    Y = np.tanh(X @ rng.normal(size=(9, 6))) + 0.3 * rng.normal(size=(1000, 6))
+    full = naive_cka(X, Y)
+    s = StreamingCKA()
+    cuts = [0, 1, 7, 300, 301, 999, 1000]
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        s.update(torch.tensor(X[a:b]), Y[a:b])
+    assert s.n == 1000
+    assert float(s.value()) == pytest.approx(full, abs=1e-9)
+    same = StreamingCKA()
+    same.update(X, X)
+    assert float(same.value()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_streaming_cka_guards(rng):
+    from safeft.diagnose.cka import StreamingCKA
+
+    s = StreamingCKA()
+    with pytest.raises(ValueError, match="at least 2"):
+        s.value()
+    s.update(np.ones((5, 3)), rng.normal(size=(5, 2)))
+    assert float(s.value()) == 0.0  # constant features: zero, not NaN
+    with pytest.raises(ValueError, match="widths changed"):
+        s.update(np.ones((5, 4)), rng.normal(size=(5, 2)))
+    with pytest.raises(ValueError, match="same samples"):
+        s.update(np.ones((5, 3)), rng.normal(size=(4, 2)))
+
+
+def test_gram_form_and_minibatch_share_the_invariances(rng):
+    X = rng.normal(size=(64, 8))
+    Y = np.tanh(X @ rng.normal(size=(8, 8)))
+    Q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    Xt = 0.2 * X @ Q
+    assert float(linear_cka_gram(Xt @ Xt.T, Y @ Y.T)) == pytest.approx(float(linear_cka(X, Y)), abs=1e-10)
+    mb = float(minibatch_cka([(X[:32], Y[:32]), (X[32:], Y[32:])]))
+    assert float(minibatch_cka([(Xt[:32], Y[:32]), (Xt[32:], Y[32:])])) == pytest.approx(mb, abs=1e-10)
+    A = np.diag([10.0, 1, 1, 1, 1, 1, 1, 0.1]) @ Q
+    assert abs(float(minibatch_cka([(X[:32] @ A, Y[:32]), (X[32:] @ A, Y[32:])])) - mb) > 1e-3
+
+
+def test_streaming_cka_with_fp32_products_stays_close_despite_massive_offsets(rng):
+    from safeft.diagnose.cka import StreamingCKA
+
+    # a few huge, nearly constant channels (LLM massive activations) on top of the informative ones
+    X = rng.normal(size=(3000, 32))
+    X[:, :3] += np.array([800.0, -300.0, 150.0])
+    Y = X @ rng.normal(size=(32, 32)) * 0.1 + 0.5 * rng.normal(size=(3000, 32))
+    Y[:, 5] += 1000.0
+    full = naive_cka(X, Y)
+    s64, s32 = StreamingCKA(), StreamingCKA(torch.float32)
+    for i in range(0, 3000, 250):
+        s64.update(X[i : i + 250], Y[i : i + 250])
+        s32.update(X[i : i + 250], Y[i : i + 250])
+    assert float(s64.value()) == pytest.approx(full, abs=1e-8)
+    assert float(s32.value()) == pytest.approx(full, abs=1e-5)
+    with pytest.raises(ValueError, match="never bf16"):
+        StreamingCKA(torch.bfloat16)

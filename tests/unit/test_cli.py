@@ -55,7 +55,7 @@ def test_validate_accepts_good_config(capsys, tmp_path):
     assert "1200 rows OK" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("verb", ["align", "train", "eval", "demo", "ls", "validate"])
+@pytest.mark.parametrize("verb", ["align", "train", "eval", "demo", "ls", "validate", "diagnose"])
 def test_every_verb_has_help(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])

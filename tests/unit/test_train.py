@@ -159,3 +159,59 @@ def test_rows_without_response_are_rejected(tmp_path, tiny):
     with pytest.raises(C.ConfigError, match="no response"):
         train(cfg_for(tmp_path, f"data.task=jsonl:{f}"), model=model, tokenizer=tok, progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_eval_every_logs_asr_at_step_zero_and_every_k_steps_and_resumes(tmp_path, tiny_dir):
+    from safeft import models
+    from safeft.eval import judges
+
+    extra = (
+        "train.steps=4",
+        "train.save_every=2",
+        "train.eval_every=2",
+        "train.eval_n_harmful=3",
+        "eval.max_new_tokens=3",
+        "eval.judge=dummy",
+        "eval.precision=fp32",
+    )
+    m, tok = models.load(str(tiny_dir))
+    res = train(cfg_for(tmp_path / "a", *extra), examples=EXAMPLES, model=m, tokenizer=tok, progress=False)
+    evals = [json.loads(x) for x in (res.run_dir / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all(e["n"] == 3 and e["judge"] == "dummy" for e in evals)
+    # the logged ASR is the per-sample records' ASR (re-scorable), and the metrics rows carry it too
+    for e in evals:
+        recs = [json.loads(x) for x in (res.run_dir / "eval_steps" / f"step-{e['step']:06d}" / "harmful.jsonl").open()]
+        again = judges.dummy([r["prompt"] for r in recs], [r["completion"] for r in recs])
+        assert e["asr"] == sum(bool(v.harmful) for v in again) / 3
+    rows = {r["step"]: r for r in _metrics(res.run_dir)}
+    assert rows[2]["eval/asr"] == evals[1]["asr"] and "eval/asr" not in rows[1]
+
+    # evaluation must not perturb training: same weights as a run without it
+    m2, tok = models.load(str(tiny_dir))
+    plain = train(
+        cfg_for(tmp_path / "b", *extra, "train.eval_every=0"),
+        examples=EXAMPLES,
+        model=m2,
+        tokenizer=tok,
+        progress=False,
+    )
+    a, b = _final_state(res.run_dir), _final_state(plain.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (plain.run_dir / "evals.jsonl").exists()
+
+    # an interrupted run re-evaluates only what it redoes
+    cfg = cfg_for(tmp_path / "c", *extra)
+    m3, tok = models.load(str(tiny_dir))
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, examples=EXAMPLES, model=m3, tokenizer=tok, progress=False, interrupt_after=3)
+    m4, tok = models.load(str(tiny_dir))
+    again = train(cfg, examples=EXAMPLES, model=m4, tokenizer=tok, progress=False)
+    steps = [json.loads(x)["step"] for x in (again.run_dir / "evals.jsonl").read_text().splitlines()]
+    assert steps == [0, 2, 4]
+
+
+def test_eval_every_rejects_negative_values(tmp_path, tiny):
+    model, tok = tiny
+    with pytest.raises(C.ConfigError, match="eval_every"):
+        train(cfg_for(tmp_path, "train.eval_every=-1"), examples=EXAMPLES, model=model, tokenizer=tok, progress=False)

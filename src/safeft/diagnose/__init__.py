@@ -4,6 +4,7 @@ Every analysis here is a pure function tested against a naive reference on rando
 """
 
 from safeft.diagnose.cka import (
+    StreamingCKA,
     center_gram,
     gram_linear,
     hsic_biased,
@@ -11,9 +12,12 @@ from safeft.diagnose.cka import (
     linear_cka,
     linear_cka_gram,
     minibatch_cka,
+    ucenter,
 )
 
 __all__ = [
+    "StreamingCKA",
+    "ucenter",
     "center_gram",
     "gram_linear",
     "hsic_biased",

@@ -53,19 +53,17 @@ reference forward over anchors and probes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from safeft import models
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE, Rendered, last_prompt_index
 from safeft.data.types import Example
+from safeft.diagnose.capture import capture  # hooks by decoder index, removed in finally
 from safeft.diagnose.cka import linear_cka
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
@@ -146,29 +144,6 @@ def pool(h: torch.Tensor, batch: Batch, sample: str) -> torch.Tensor:
         return h[torch.arange(h.shape[0], device=h.device), last_prompt_index(batch)].double()
     mask = token_mask(batch).unsqueeze(-1).double()
     return (h.double() * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
-@contextlib.contextmanager
-def capture(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Record the output of decoder blocks ``layers`` (0-based) during forwards; hooks removed in finally."""
-    blocks = models.decoder_layers(model)
-    bad = [i for i in layers if not 0 <= i < len(blocks)]
-    if bad:
-        raise ValueError(f"decoder layer indices {bad} out of range: the model has {len(blocks)} blocks (0-based)")
-    out: dict[int, torch.Tensor] = {}
-
-    def hook(i: int):
-        def fn(module, args, output):
-            out[i] = output[0] if isinstance(output, tuple) else output
-
-        return fn
-
-    handles = [blocks[i].register_forward_hook(hook(i)) for i in layers]
-    try:
-        yield out
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ----------------------------------------------------------------------------- the defense
