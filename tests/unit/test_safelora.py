@@ -143,21 +143,14 @@ def test_final_checkpoint_holds_the_projected_weights_and_resume_does_not_reproj
 def test_projecting_nothing_reproduces_plain_sft_exactly(tiny_dir, base_dir, tmp_path):
     from safetensors.torch import load_file
 
+    cfgs = {
+        "sft": tiny_run_config(tmp_path / "sft" / "runs", "train.steps=4", "defense.name=sft"),
+        "safelora": _cfg(tmp_path / "safelora", base_dir, "defense.select=number", "defense.num_proj_layers=0"),
+    }
     runs = {}
-    for name, ov in (
-        ("sft", ("defense.name=sft",)),
-        ("safelora", ("defense.select=number", "defense.num_proj_layers=0")),
-    ):
+    for name, cfg in cfgs.items():
         m, tok = models.load(str(tiny_dir))
-        runs[name] = train(
-            _cfg(tmp_path / name, base_dir, *ov)
-            if name == "safelora"
-            else tiny_run_config(tmp_path / name / "runs", "train.steps=4", *ov),
-            examples=EXAMPLES,
-            model=m,
-            tokenizer=tok,
-            progress=False,
-        )
+        runs[name] = train(cfg, examples=EXAMPLES, model=m, tokenizer=tok, progress=False)
     a, b = (load_file(str(checkpoints(runs[n].run_dir)[-1] / "trainable.safetensors")) for n in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in runs["safelora"].metrics] == [r["loss"] for r in runs["sft"].metrics]
