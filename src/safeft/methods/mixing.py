@@ -43,7 +43,7 @@ def n_mixed(fraction: float, n_task: int) -> int:
 
 @METHODS.register("mixing")
 class Mixing(Defense):
-    r"""Keep refusing by training on refusals too, in one of three ways (spec ``algorithms.md`` §7d).
+    r"""Train on refusal examples too: mixed into the task set, appended to it, or as a second batch per step.
 
     Paper: Bianchi et al., "Safety-Tuned LLaMAs", ICLR 2024, arXiv 2309.07875 (code
     vinid/safety-tuned-llamas); variants B and C as run by git-disl Vaccine (``vlguard``) and Booster
