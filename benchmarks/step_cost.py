@@ -17,6 +17,7 @@ Timings are only comparable within one run of this script, on an otherwise idle 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -54,7 +55,14 @@ from safeft.testing import save_tiny_model  # noqa: E402
 from safeft.train import train  # noqa: E402
 
 
-def measure(method: str, spec: str, args: argparse.Namespace, examples: list, root: Path) -> dict:
+def _required(method: str, base: str) -> list[str]:
+    """Overrides a method cannot run without, read from its Config's fields: a post-hoc method that compares
+    the model with its unaligned base (Safe LoRA) gets ``--base-model``."""
+    fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
+    return [f"defense.base_model={base}"] if "base_model" in fields else []
+
+
+def measure(method: str, spec: str, args: argparse.Namespace, examples: list, root: Path, base: str) -> dict:
     cfg = C.load(
         overrides=[
             f"model.spec={spec}",
@@ -65,6 +73,7 @@ def measure(method: str, spec: str, args: argparse.Namespace, examples: list, ro
             f"defense.name={method}",
             f"out_dir={root / 'runs'}",
             f"run_id={method}",
+            *_required(method, base),
         ]
     )
     model, tok = models.load(spec)
@@ -89,6 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of --model (quick check)")
+    p.add_argument(
+        "--base-model",
+        default="smollm2-135m",
+        help="the unaligned base of --model, for methods that need one (Safe LoRA); with --tiny, another tiny model",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     unknown = [m for m in args.methods if m not in METHODS]
@@ -99,13 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     examples = load_domain("finance", "train")
     with tempfile.TemporaryDirectory(prefix="safeft-step-cost-") as tmp:
         root = Path(tmp)
-        spec = args.model
+        spec, base = args.model, args.base_model
         if args.tiny:
             spec = str(save_tiny_model(root / "tiny-model"))
+            base = str(save_tiny_model(root / "tiny-base", seed=1))
         results = {}
         for m in methods:
             print(f"measuring {m} ({args.warmup} + {args.steps} steps) ...", file=sys.stderr, flush=True)
-            results[m] = measure(m, spec, args, examples, root)
+            results[m] = measure(m, spec, args, examples, root, base)
 
     base = results["sft"]["s_per_step"]
     print(

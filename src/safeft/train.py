@@ -99,6 +99,7 @@ class RunContext:
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
     streams: dict[str, Stream] = field(default_factory=dict)
     task_rows: list[Rendered] = field(default_factory=list)  # the rendered task data (e.g. for probe sets)
+    post_hoc_done: bool = False  # after_train has run and its result is in the final checkpoint
 
     @property
     def device(self) -> torch.device:
@@ -201,7 +202,8 @@ def save_checkpoint(ctx: RunContext, optimizer, scheduler, defense, task: Stream
         tmp / "trainer.pt",
     )
     streams = {name: s.pos for name, s in ctx.streams.items()}
-    (tmp / "state.json").write_text(json.dumps({"step": ctx.step, "task_pos": task.pos, "streams": streams}))
+    state = {"step": ctx.step, "task_pos": task.pos, "streams": streams, "post_hoc_done": ctx.post_hoc_done}
+    (tmp / "state.json").write_text(json.dumps(state))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -237,6 +239,7 @@ def _resume(ctx: RunContext, optimizer, scheduler, defense, task: Stream, ckpt: 
     defense.load_state_dict(trainer["defense"])
     state = json.loads((ckpt / "state.json").read_text())
     ctx.step, task.pos = state["step"], state["task_pos"]
+    ctx.post_hoc_done = state.get("post_hoc_done", False)
     ctx._resume_streams = state["streams"]  # applied as defenses (re)create their streams in setup
 
 
@@ -384,6 +387,8 @@ def train(
     aux = dict(aux or {})
     missing_aux = [n for n in defense.needs if n not in aux and n not in SERVICES]
     aux.update(build_aux(missing_aux, seed=cfg.train.seed))
+    # A defense may change the task data itself (safety-data mixing); still before anything is written.
+    examples = defense.task_examples(examples, aux)
     run_dir = Path(run_dir) if run_dir else make_run_dir(cfg)
     _check_same_config(run_dir, cfg)
     if model is None:
@@ -485,7 +490,13 @@ def train(
                     save_checkpoint(ctx, optimizer, scheduler, defense, task)
                 if interrupt_after is not None and ctx.step >= interrupt_after and ctx.step < tc.steps:
                     raise TrainingInterrupted(ctx.step)
-        defense.after_train(ctx)
+        if not ctx.post_hoc_done:
+            # A post-hoc change (Safe LoRA's projection) must be what the final checkpoint holds, and must
+            # not be applied twice when a finished run is resumed: save again, marked as done. The save
+            # before it (inside the loop) keeps the trained weights should after_train fail.
+            defense.after_train(ctx)
+            ctx.post_hoc_done = True
+            save_checkpoint(ctx, optimizer, scheduler, defense, task)
     finally:
         bar.close()
         defense.close()  # hooks never outlive the run, even a crashed one

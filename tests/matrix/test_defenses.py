@@ -6,6 +6,7 @@ finite loss, change the trainable parameters, log every loss term it returns, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,7 +15,7 @@ import torch
 
 from safeft.data.types import Example
 from safeft.methods import METHODS
-from safeft.testing import tiny_run_config
+from safeft.testing import save_tiny_model, tiny_run_config
 from safeft.train import train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
@@ -24,18 +25,30 @@ AUX = {
 }
 
 
+def _required(name: str, tmp_path) -> list[str]:
+    """Overrides a method cannot run without, found from its Config's fields (never from its name)."""
+    fields = {f.name for f in dataclasses.fields(METHODS.get(name).Config)}
+    extra = []
+    if "base_model" in fields:
+        # A post-hoc method that compares the aligned model with its base: the tiny model's "base" is a
+        # second tiny model of the same shapes with other random weights.
+        extra.append(f"defense.base_model={save_tiny_model(tmp_path / 'base-model', seed=1)}")
+    return extra
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_defense_trains(name, tiny, tmp_path):
     model, tok = tiny
-    cfg = tiny_run_config(tmp_path, f"defense.name={name}", "run_id=m")
+    cfg = tiny_run_config(tmp_path, f"defense.name={name}", "run_id=m", *_required(name, tmp_path))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     res = train(cfg, examples=EXAMPLES, model=model, tokenizer=tok, aux=AUX, progress=False)
     rows = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3
+    # Every run trains on the task; a bi-state method (Lisa) may spend some steps on other data only.
+    assert any("loss/task" in r for r in rows)
     for r in rows:
         assert math.isfinite(r["loss"])
         assert r["passes/forward"] >= 1 and r["passes/backward"] >= 1
-        assert "loss/task" in r
         terms = [k for k in r if k.startswith("loss/")]
         # the logged total is the sum of the logged terms: no term is computed but left unlogged
         assert r["loss"] == pytest.approx(sum(r[k] for k in terms), rel=1e-5, abs=1e-6)

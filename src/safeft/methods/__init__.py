@@ -5,7 +5,18 @@ from __future__ import annotations
 from safeft.config import DefenseConfig
 
 # Explicit imports: each registers its method(s) by name.
-from safeft.methods import repanchor, saft, saft_repanchor, sap, sbr, sft  # noqa: F401
+from safeft.methods import (  # noqa: F401
+    ewc,
+    lisa,
+    mixing,
+    repanchor,
+    safelora,
+    saft,
+    saft_repanchor,
+    sap,
+    sbr,
+    sft,
+)
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
 

@@ -6,7 +6,10 @@ A defense plugs into ``safeft.train`` through three calls:
 * ``step(ctx, batch)`` per micro-batch: computes its loss terms, calls ``ctx.backward`` itself (once, or
   several times for multi-pass methods), and returns a ``StepOutput`` whose named terms the loop logs as
   ``loss/<term>`` without knowing what they mean.
-* ``after_train(ctx)`` once, after the last step: post-hoc fixes (e.g. Safe LoRA's projection).
+* ``after_train(ctx)`` once, after the last step: post-hoc fixes (e.g. Safe LoRA's projection). The loop
+  saves the final checkpoint again afterwards, so what it changed is what the run keeps.
+* ``task_examples(examples, aux)`` once, before rendering: a defense that changes the training data itself
+  (safety-data mixing) returns the new list.
 
 The default ``step`` is task CE plus whatever ``penalty`` returns, so a regulariser-style defense only
 writes ``penalty``. Every forward and backward goes through ``ctx.forward`` / ``ctx.backward``, which count
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from safeft.config import DefenseConfig
+from safeft.data.types import Example
 
 if TYPE_CHECKING:
     from safeft.train import RunContext
@@ -46,6 +50,14 @@ class Defense:
 
     def __init__(self, cfg: DefenseConfig) -> None:
         self.cfg = cfg
+
+    def task_examples(self, examples: list[Example], aux: dict[str, list[Example]]) -> list[Example]:
+        """The task examples to train on, given the user's and the aux data (default: unchanged).
+
+        Called once before anything is rendered or written (e.g. safety-data mixing appends refusals);
+        a bad combination raises here, before the run directory exists.
+        """
+        return examples
 
     def setup(self, ctx: RunContext) -> None:
         """One-off work before step 0."""
