@@ -5,7 +5,7 @@ from __future__ import annotations
 from safeft.config import DefenseConfig
 
 # Explicit imports: each registers its method(s) by name.
-from safeft.methods import booster, repanchor, saft, saft_repanchor, sap, sbr, sft, vaccine  # noqa: F401
+from safeft.methods import booster, repanchor, repnoise, saft, saft_repanchor, sap, sbr, sft, vaccine  # noqa: F401
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
 
