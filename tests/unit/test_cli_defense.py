@@ -67,3 +67,13 @@ def test_align_defense_flag_puts_the_defense_into_the_alignment_run(tiny_dir, tm
 def test_unknown_defense_exits_nonzero(capsys):
     assert main(["train", "--defense", "vacine", "data.task=domain:finance"]) == 2
     assert "vacine" in capsys.readouterr().err
+
+
+def test_align_cache_key_follows_the_defense_aux_data(monkeypatch):
+    from safeft.data import aux
+
+    cfg = C.load(None, [], defense="booster")
+    sft_key, key = cache_key(C.load(None, [])), cache_key(cfg)
+    monkeypatch.setattr(aux, "COMPLIANCE_OPENERS", tuple(o + " Go." for o in aux.COMPLIANCE_OPENERS))
+    assert cache_key(cfg) != key  # Booster's harmful rows changed: a cached Booster model is stale
+    assert cache_key(C.load(None, [])) == sft_key  # plain alignment does not depend on them

@@ -147,5 +147,5 @@ class Booster(Defense):
         return StepOutput(
             task.detach() + boost,
             terms,
-            diagnostics={"harmful_loss": float(h), "harmful_loss_after_step": float(h_after)},
+            diagnostics={"harmful_loss": float(h.detach()), "harmful_loss_after_step": float(h_after.detach())},
         )
