@@ -160,7 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("ls", help="list registered components").set_defaults(fn=cmd_ls)
     with_cfg(sub.add_parser("validate", help="check a config and its data")).set_defaults(fn=cmd_validate)
 
-    args = parser.parse_args(argv)
+    # argparse binds `overrides` (nargs="*") right after a leading positional, so in
+    # `safeft eval TARGET --config F key=value` the trailing key=value would be "unrecognized".
+    # Collect such leftovers as overrides, in order; anything else is still an error.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from safeft.data.types import DataError

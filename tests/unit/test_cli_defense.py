@@ -77,3 +77,15 @@ def test_align_cache_key_follows_the_defense_aux_data(monkeypatch):
     monkeypatch.setattr(aux, "COMPLIANCE_OPENERS", tuple(o + " Go." for o in aux.COMPLIANCE_OPENERS))
     assert cache_key(cfg) != key  # Booster's harmful rows changed: a cached Booster model is stale
     assert cache_key(C.load(None, [])) == sft_key  # plain alignment does not depend on them
+
+
+def test_overrides_after_options_reach_eval(tmp_path, capsys):
+    f = tmp_path / "cfg.yaml"
+    f.write_text("eval:\n  max_new_tokens: 8\n")
+    # formerly an argparse error ("unrecognized arguments: out_dir=..."); now the overrides are read and
+    # the run gets as far as loading the (missing) model
+    code = main(["eval", str(tmp_path / "missing-model"), "--config", str(f), f"out_dir={tmp_path}", "run_id=x"])
+    assert code == 2
+    assert "missing-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path / "missing-model"), "--bogus-flag"])
