@@ -119,19 +119,33 @@ def cache_key(cfg: C.RunConfig) -> str:
     if spec in models.ALIASES:
         spec = f"{spec}:{models._file_digest(models.alias_path(spec))}"
     harmful, benign = select_prompts(cfg)
-    blob = json.dumps(
-        {
-            "spec": spec,
-            "align": dataclasses.asdict(cfg.align),
-            "defense": dataclasses.asdict(cfg.defense),
-            "lora": dataclasses.asdict(cfg.model.lora),
-            "system": cfg.model.system_prompt,
-            "harmful": [(e.prompt, e.response) for e in harmful],
-            "benign": benign,
-        },
-        sort_keys=True,
-    )
+    content = {
+        "spec": spec,
+        "align": dataclasses.asdict(cfg.align),
+        "defense": dataclasses.asdict(cfg.defense),
+        "lora": dataclasses.asdict(cfg.model.lora),
+        "system": cfg.model.system_prompt,
+        "harmful": [(e.prompt, e.response) for e in harmful],
+        "benign": benign,
+    }
+    aux = _defense_aux(cfg)
+    if aux:  # only then: a defense without aux data keeps the key it always had (cached models stay valid)
+        content["aux"] = aux
+    blob = json.dumps(content, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _defense_aux(cfg: C.RunConfig) -> dict[str, list]:
+    """The aux data the stage-1 defense will train on (e.g. Booster's harmful rows), as hashable rows.
+
+    ``train`` builds it from the splits with the alignment run's seed; the same call here makes the cache
+    key follow those texts too."""
+    from safeft.data.aux import SERVICES, build_aux
+    from safeft.methods import METHODS
+
+    needs = [n for n in METHODS.get(cfg.defense.name).needs if n not in SERVICES]
+    data = build_aux(needs, seed=cfg.align.train.seed)
+    return {k: [(e.id, e.prompt, e.response, sorted(e.meta.items())) for e in v] for k, v in data.items()}
 
 
 def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, force: bool = False) -> Path:

@@ -1,13 +1,13 @@
 """The ``safeft`` command line. Each verb is a thin wrapper over a Python function tests call directly.
 
-safeft align    [--config F] [key=value ...]   stage 1: align the model for safety, print its path
-safeft train    [--config F] [key=value ...]   fine-tune with a defense (resumes an interrupted run)
-safeft eval     TARGET [--config F] [...]      evaluate a run directory or a model spec
-safeft eval     --rescore --judge J runs/<id>  re-judge the stored completions (no model is loaded)
-safeft demo     [--config F] [key=value ...]   align -> fine-tune -> evaluate on the embedded model
-safeft ls                                       registered defenses, judges, data sources, domains
-safeft validate [--config F] [key=value ...]   check a config and load its data, without training
-safeft diagnose RUN [--compare RUN2] [...]     layer-wise CKA / KL / ASR over a run's checkpoints, with pictures
+safeft align    [--config F] [--defense N] [k=v ...]  stage 1: align the model for safety, print its path
+safeft train    [--config F] [--defense N] [k=v ...]  fine-tune with a defense (resumes an interrupted run)
+safeft eval     TARGET [--config F] [...]             evaluate a run directory or a model spec
+safeft eval     --rescore --judge J runs/<id>         re-judge the stored completions (no model is loaded)
+safeft demo     [--config F] [k=v ...]                align -> fine-tune -> evaluate on the embedded model
+safeft ls                                             registered defenses, judges, data sources, domains
+safeft validate [--config F] [k=v ...]                check a config and load its data, without training
+safeft diagnose RUN [--compare RUN2] [...]            layer-wise CKA / KL / ASR over a run's checkpoints, with pictures
 """
 
 from __future__ import annotations
@@ -22,11 +22,26 @@ from safeft import config as C
 
 
 def _load_cfg(args: argparse.Namespace, defaults: dict | None = None) -> C.RunConfig:
+    defense = getattr(args, "defense", None)
     if args.config is None and defaults:
         # Defaults first, then the user's overrides on top.
         flat = [f"{k}={json.dumps(v)}" for k, v in _flatten(defaults)]
-        return C.load(None, flat + list(args.overrides))
-    return C.load(args.config, list(args.overrides))
+        return C.load(None, flat + list(args.overrides), defense=defense)
+    return C.load(args.config, list(args.overrides), defense=defense)
+
+
+def _stage_note(cfg: C.RunConfig, verb: str) -> None:
+    """Warn when a defense runs in a stage its method is not meant for (allowed: it may be an experiment).
+
+    Fine-tuning-stage methods are ordinary in ``align`` (plain SFT is how stage 1 aligns by default)."""
+    from safeft.methods import METHODS
+
+    stage = getattr(METHODS.get(cfg.defense.name), "stage", None)
+    want = {"align": ("align", "finetune"), "train": ("finetune", "post")}[verb]
+    if stage is not None and stage not in want:
+        logging.getLogger("safeft").warning(
+            "defense %r is a %s-stage method but runs in `safeft %s`", cfg.defense.name, stage, verb
+        )
 
 
 def _flatten(tree: dict, prefix: str = ""):
@@ -42,6 +57,7 @@ def cmd_align(args) -> int:
     from safeft.align import align
 
     cfg = _load_cfg(args)
+    _stage_note(cfg, "align")
     path = align(cfg, out=Path(args.out) if args.out else None, force=args.force)
     print(path)
     return 0
@@ -51,6 +67,7 @@ def cmd_train(args) -> int:
     from safeft.train import train
 
     cfg = _load_cfg(args)
+    _stage_note(cfg, "train")
     res = train(cfg, resume=not args.no_resume)
     print(f"{res.run_dir}  steps={res.steps}  final loss={res.final_loss:.4f}")
     return 0
@@ -166,11 +183,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 defense.name=sft")
         return p
 
-    p = with_cfg(sub.add_parser("align", help="stage 1: safety-align a model"))
+    def with_defense(p):
+        p.add_argument(
+            "--defense", metavar="NAME", help="the defense to run (shortcut for defense.name=NAME; see `safeft ls`)"
+        )
+        return p
+
+    p = with_defense(with_cfg(sub.add_parser("align", help="stage 1: safety-align a model")))
     p.add_argument("--out", help="directory for the aligned model (default: the cache)")
     p.add_argument("--force", action="store_true", help="re-align even if a cached result exists")
     p.set_defaults(fn=cmd_align)
-    p = with_cfg(sub.add_parser("train", help="fine-tune with a defense"))
+    p = with_defense(with_cfg(sub.add_parser("train", help="fine-tune with a defense")))
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the run directory")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run directory or a model")
@@ -211,7 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-threshold", type=float, default=0.5, help="onset: first step with harmful KL >= this")
     p.set_defaults(fn=cmd_diagnose)
 
-    args = parser.parse_args(argv)
+    # argparse binds `overrides` (nargs="*") right after a leading positional, so in
+    # `safeft eval TARGET --config F key=value` the trailing key=value would be "unrecognized".
+    # Collect such leftovers as overrides, in order; anything else is still an error.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from safeft.data.types import DataError

@@ -265,8 +265,19 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
-    """Load a config: dataclass defaults <- YAML file <- dotted overrides."""
+def load(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    cls: type = RunConfig,
+    defense: str | None = None,
+) -> Any:
+    """Load a config: dataclass defaults <- YAML file <- ``defense`` <- dotted overrides.
+
+    ``defense`` (the CLI's ``--defense NAME``) selects the method. When the file configures a different
+    method, its defense section is dropped (those keys belong to the other method's config and would be
+    rejected); when it names the same method, its settings are kept. Dotted ``defense.*`` overrides apply
+    on top either way.
+    """
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -278,9 +289,14 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None, cls
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
+    if defense is not None:
+        section = tree.get("defense")
+        if not (isinstance(section, dict) and section.get("name") == defense):
+            tree["defense"] = {"name": defense}
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value, "command line")
-    source = " + ".join(([str(path)] if path is not None else []) + (["command line"] if overrides else []))
+    cli = ["command line"] if overrides or defense is not None else []
+    source = " + ".join(([str(path)] if path is not None else []) + cli)
     try:
         return build(cls, tree)
     except ConfigError as e:

@@ -6,16 +6,19 @@ from safeft.config import DefenseConfig
 
 # Explicit imports: each registers its method(s) by name.
 from safeft.methods import (  # noqa: F401
+    booster,
     ewc,
     lisa,
     mixing,
     repanchor,
+    repnoise,
     safelora,
     saft,
     saft_repanchor,
     sap,
     sbr,
     sft,
+    vaccine,
 )
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
