@@ -9,7 +9,7 @@ padding changes the shapes of the matrix products and therefore the rounding, so
 ways; ``--dtype float32`` checks that they agree where the arithmetic is (nearly) exact.
 
     .venv/bin/python benchmarks/generation.py --tiny                 # quick check, tiny random model
-    flock /work/cpu.lock .venv/bin/python benchmarks/generation.py   # SmolLM2-135M (the default)
+    .venv/bin/python benchmarks/generation.py   # SmolLM2-135M (the default)
     .venv/bin/python benchmarks/generation.py --dtype float32 --out results.json
 
 Timings are only comparable within one run of this script, on an otherwise idle machine.
