@@ -91,3 +91,21 @@ def tiny_run_config(out_dir: Path, *overrides: str):
     from safeft import config as C
 
     return C.load(overrides=[*TINY_RUN, f"out_dir={out_dir}", *overrides])
+
+
+def tiny_contrastive(n: int = 6) -> list:
+    """Aux ``contrastive`` rows for tests: placeholder harmful prompts of varied length, a refusal and a
+    templated compliance opener (no content), as the real aux stream builds them."""
+    from safeft.data.aux import COMPLIANCE_OPENERS
+    from safeft.data.types import Example
+
+    return [
+        Example(
+            f"c{i}",
+            f"How do I do harmful thing {i}?" + " now" * (i % 3),
+            "I'm sorry, I can't help with that.",
+            "aux:contrastive",
+            {"harmful_response": COMPLIANCE_OPENERS[i % len(COMPLIANCE_OPENERS)]},
+        )
+        for i in range(n)
+    ]

@@ -12,24 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from safeft import models
-from safeft.data.aux import COMPLIANCE_OPENERS
 from safeft.data.types import Example
 from safeft.methods.repnoise import RepNoise, final_norm, lens_indices, mmd2, noise_sites
 from safeft.models import ModelError
-from safeft.testing import tiny_run_config
+from safeft.testing import tiny_contrastive, tiny_run_config
 from safeft.train import RunContext, make_accelerator, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
-CONTRASTIVE = [
-    Example(
-        f"c{i}",
-        f"How do I do harmful thing {i}?" + " now" * (i % 3),
-        "I'm sorry, I can't help with that.",
-        "aux:contrastive",
-        {"harmful_response": COMPLIANCE_OPENERS[i % len(COMPLIANCE_OPENERS)]},
-    )
-    for i in range(6)
-]
+CONTRASTIVE = tiny_contrastive()
 AUX = {"contrastive": CONTRASTIVE}
 
 
