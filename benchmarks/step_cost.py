@@ -62,7 +62,9 @@ def _required(method: str, base: str) -> list[str]:
     return [f"defense.base_model={base}"] if "base_model" in fields else []
 
 
-def measure(method: str, spec: str, args: argparse.Namespace, examples: list, root: Path, base: str) -> dict:
+def measure(
+    method: str, spec: str, args: argparse.Namespace, examples: list, root: Path, base: str, run_id: str = ""
+) -> dict:
     cfg = C.load(
         overrides=[
             f"model.spec={spec}",
@@ -72,7 +74,7 @@ def measure(method: str, spec: str, args: argparse.Namespace, examples: list, ro
             f"train.precision={args.precision}",
             f"defense.name={method}",
             f"out_dir={root / 'runs'}",
-            f"run_id={method}",
+            f"run_id={run_id or method}",  # a fresh directory: an existing one would be resumed
             *_required(method, base),
         ]
     )
@@ -121,8 +123,15 @@ def main(argv: list[str] | None = None) -> None:
         for m in methods:
             print(f"measuring {m} ({args.warmup} + {args.steps} steps) ...", file=sys.stderr, flush=True)
             results[m] = measure(m, spec, args, examples, root, base)
+        # SFT again at the end: on a shared or throttling machine the speed drifts over a long run, and one
+        # SFT figure taken first would fold that drift into every later ratio. Ratios use the mean of both.
+        sft_last = None
+        if len(methods) > 1:
+            print("measuring sft again (drift check) ...", file=sys.stderr, flush=True)
+            sft_last = measure("sft", spec, args, examples, root, base, run_id="sft-again")["s_per_step"]
 
-    base = results["sft"]["s_per_step"]
+    sft_first = results["sft"]["s_per_step"]
+    base = sft_first if sft_last is None else (sft_first + sft_last) / 2
     print(
         f"\nstep cost on {'a tiny random model' if args.tiny else args.model}, batch {args.batch_size}, "
         f"mean of {args.steps} steps after {args.warmup} warm-up\n"
@@ -132,6 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     for m, r in results.items():
         print(
             f"| {m:<16} | {r['s_per_step']:6.3f} | {r['s_per_step'] / base:12.2f} | {r['fwd']:8.1f} | {r['bwd']:8.1f} |"
+        )
+    if sft_last is not None:
+        print(
+            f"\nSFT measured first {sft_first:.3f} s/step and last {sft_last:.3f} s/step "
+            f"(drift {100 * (sft_last / sft_first - 1):+.0f}%); ratios are to their mean. Plain-SFT-step methods "
+            "(mixing, safelora) show the remaining noise."
         )
     print("\nsetup passes (one-off): " + ", ".join(f"{m} {r['setup']['forward']}F" for m, r in results.items()))
     ref = {m: r["ref_bytes"] for m, r in results.items()}
