@@ -140,25 +140,38 @@ def prepare_tokenizer(tok) -> None:
 # ----------------------------------------------------------------------------- structure
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder block stack, found structurally. Raises on an architecture we cannot read.
-
-    Defenses hook blocks by index into this list; a silent miss would turn a defense into plain SFT.
-    """
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (PeftModel -> LoraModel -> model); ``model`` otherwise."""
     base = model
-    # Unwrap peft (PeftModel -> LoraModel -> the transformers model).
     for attr in ("base_model", "model"):
         if hasattr(base, "peft_config") and hasattr(base, attr):
             base = getattr(base, attr)
-    candidates = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers")
-    for path in candidates:
+    return base
+
+
+def find_submodule(base: nn.Module, paths, accept=lambda m: isinstance(m, nn.Module)) -> nn.Module | None:
+    """The first dotted attribute path of ``paths`` under ``base`` whose object ``accept`` takes, else None."""
+    for path in paths:
         node = base
         for part in path.split("."):
             node = getattr(node, part, None)
             if node is None:
                 break
-        if isinstance(node, nn.ModuleList) and len(node) > 0:
+        if node is not None and accept(node):
             return node
+    return None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder block stack, found structurally. Raises on an architecture we cannot read.
+
+    Defenses hook blocks by index into this list; a silent miss would turn a defense into plain SFT.
+    """
+    base = unwrap_peft(model)
+    candidates = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers")
+    node = find_submodule(base, candidates, lambda m: isinstance(m, nn.ModuleList) and len(m) > 0)
+    if node is not None:
+        return node
     raise ModelError(
         f"cannot find the decoder layer stack of {type(base).__name__} (looked for {', '.join(candidates)}); "
         "safeft refuses to run a defense it cannot attach"

@@ -21,7 +21,7 @@ from safeft.data.chat import IGNORE
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.booster import harmful_rows
 from safeft.methods.registry import METHODS
-from safeft.models import ModelError, decoder_layers
+from safeft.models import ModelError, decoder_layers, find_submodule, unwrap_peft
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,10 @@ def noise_sites(model: nn.Module, site: str) -> list[nn.Module]:
 
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm applied before the unembedding (the logit lens needs it). Raises when not found."""
-    base = model
-    for attr in ("base_model", "model"):  # unwrap peft, as models.decoder_layers
-        if hasattr(base, "peft_config") and hasattr(base, attr):
-            base = getattr(base, attr)
-    for path in FINAL_NORMS:
-        node = base
-        for part in path.split("."):
-            node = getattr(node, part, None)
-            if node is None:
-                break
-        if isinstance(node, nn.Module):
-            return node
+    base = unwrap_peft(model)
+    node = find_submodule(base, FINAL_NORMS)
+    if node is not None:
+        return node
     raise ModelError(
         f"cannot find the final norm of {type(base).__name__} (looked for {', '.join(FINAL_NORMS)}); "
         "RepNoise's logit lens needs it (or set defense.lens_every=0)"
