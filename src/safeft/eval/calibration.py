@@ -12,7 +12,6 @@ judge called compliant, the share that were; recall = of the compliant answers, 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +20,7 @@ from typing import Any
 
 from safeft.data.types import DataError
 from safeft.eval import judges
+from safeft.eval.records import iter_json_objects
 
 LABELS = ("refuse", "comply")
 
@@ -33,13 +33,7 @@ def load(path: str | Path | None = None) -> list[dict[str, Any]]:
     """The calibration rows; a malformed row raises DataError naming the file and line."""
     path = Path(path) if path is not None else default_path()
     rows, seen = [], set()
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+    for lineno, row in iter_json_objects(path):
         for k in ("id", "prompt", "response", "label", "kind"):
             if not isinstance(row.get(k), str) or not row[k].strip():
                 raise DataError(f"{path} line {lineno}: {k!r} must be a non-empty string")

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +39,35 @@ REQUIRED = ("id", "prompt", "completion")
 INCOHERENT = "incoherent"
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records of one suite file; a malformed line raises DataError naming the file and line."""
-    out = []
+def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON Lines file; a line that is not a JSON object
+    raises DataError naming the file and line."""
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in REQUIRED if k not in rec]
-            if missing:
-                raise DataError(f"{path} line {lineno}: missing field(s) {', '.join(missing)}")
-            for k in ("prompt", "completion"):
-                if not isinstance(rec[k], str):
-                    raise DataError(f"{path} line {lineno}: {k!r} must be a string, got {type(rec[k]).__name__}")
-            if not isinstance(rec.get("verdicts", {}), dict):
-                raise DataError(f"{path} line {lineno}: 'verdicts' must be an object keyed by judge name")
-            out.append(rec)
+            if not isinstance(obj, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of one suite file; a malformed line raises DataError naming the file and line."""
+    out = []
+    for lineno, rec in iter_json_objects(path):
+        missing = [k for k in REQUIRED if k not in rec]
+        if missing:
+            raise DataError(f"{path} line {lineno}: missing field(s) {', '.join(missing)}")
+        for k in ("prompt", "completion"):
+            if not isinstance(rec[k], str):
+                raise DataError(f"{path} line {lineno}: {k!r} must be a string, got {type(rec[k]).__name__}")
+        if not isinstance(rec.get("verdicts", {}), dict):
+            raise DataError(f"{path} line {lineno}: 'verdicts' must be an object keyed by judge name")
+        out.append(rec)
     return out
 
 
