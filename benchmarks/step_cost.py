@@ -3,7 +3,9 @@
 Each method runs the real training loop (``safeft.train.train``, what users run) for ``--warmup + --steps``
 steps on the same model, the same finance examples and the same seed, so every method sees the same task
 batches. Reported per method: the mean ``time/step_s`` over the timed steps (warm-up excluded), its ratio to
-SFT, and the forward / backward passes per step the loop counted (``passes/*`` in metrics.jsonl). It also
+SFT, the forward / backward passes per step the loop counted (``passes/*`` in metrics.jsonl) and the token
+positions those forwards ran (``positions``, padding included: a defense that packs its anchors into the
+task forward runs one wider pass instead of a second one). It also
 prints the extra parameter bytes the frozen reference costs (``models.reference_extra_bytes``; 0 under
 LoRA, where the reference is the same network with its adapter disabled) and each method's one-off setup
 passes.
@@ -86,6 +88,7 @@ def measure(
         "s_per_step": statistics.mean(r["time/step_s"] for r in timed),
         "fwd": statistics.mean(r["passes/forward"] for r in timed),
         "bwd": statistics.mean(r["passes/backward"] for r in timed),
+        "positions": statistics.mean(r["positions"] for r in timed),
         "setup": summary["setup_passes"],
         "ref_bytes": summary["reference_extra_bytes"],
     }
@@ -136,11 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         f"\nstep cost on {'a tiny random model' if args.tiny else args.model}, batch {args.batch_size}, "
         f"mean of {args.steps} steps after {args.warmup} warm-up\n"
     )
-    print(f"| {'method':<16} | s/step | ratio to SFT | fwd/step | bwd/step |")
-    print(f"|{'-' * 18}|--------|--------------|----------|----------|")
+    pos = results["sft"]["positions"]
+    print(f"| {'method':<16} | s/step | ratio to SFT | fwd/step | bwd/step | positions/step (x SFT) |")
+    print(f"|{'-' * 18}|--------|--------------|----------|----------|------------------------|")
     for m, r in results.items():
         print(
-            f"| {m:<16} | {r['s_per_step']:6.3f} | {r['s_per_step'] / base:12.2f} | {r['fwd']:8.1f} | {r['bwd']:8.1f} |"
+            f"| {m:<16} | {r['s_per_step']:6.3f} | {r['s_per_step'] / base:12.2f} | {r['fwd']:8.1f} | {r['bwd']:8.1f} "
+            f"| {r['positions']:14.0f} ({r['positions'] / pos:4.2f}) |"
         )
     if sft_last is not None:
         print(

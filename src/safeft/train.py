@@ -97,6 +97,7 @@ class RunContext:
     aux: dict[str, list[Example]] = field(default_factory=dict)
     step: int = 0
     passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+    positions: int = 0  # token positions (padding included) run through forward passes this step
     streams: dict[str, Stream] = field(default_factory=dict)
     task_rows: list[Rendered] = field(default_factory=list)  # the rendered task data (e.g. for probe sets)
     post_hoc_done: bool = False  # after_train has run and its result is in the final checkpoint
@@ -113,6 +114,9 @@ class RunContext:
         """A counted forward pass under the run's autocast. Extra keys (e.g. ``ids``) are ignored."""
         self.passes["forward"] += 1
         inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        x = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        if x is not None:  # what a pass costs grows with its positions, padding included, not with its count
+            self.positions += x.shape[0] * x.shape[1]
         with self.accelerator.autocast():
             return (model or self.model)(**inputs, **kw)
 
@@ -452,6 +456,7 @@ def train(
             while ctx.step < tc.steps:
                 t0 = time.perf_counter()
                 ctx.passes = {"forward": 0, "backward": 0}
+                ctx.positions = 0
                 sums: dict[str, float] = {}
                 diags: dict[str, float] = {}
                 total, tokens = 0.0, 0
@@ -476,6 +481,7 @@ def train(
                 row.update({f"diag/{k}": v for k, v in diags.items()})
                 row.update({f"passes/{k}": v for k, v in ctx.passes.items()})
                 row["tokens"] = tokens
+                row["positions"] = ctx.positions
                 row["time/step_s"] = time.perf_counter() - t0
                 if asr.due(ctx.step):
                     row["eval/asr"] = asr.run(ctx)["asr"]

@@ -11,6 +11,7 @@ from safeft import config as C
 from safeft import models
 from safeft.data.types import Example
 from safeft.methods.sbr import SBR, final_states
+from safeft.packing import relative_error
 from safeft.testing import tiny_run_config
 from safeft.train import RunContext, make_accelerator, train
 
@@ -110,13 +111,74 @@ def test_lam_zero_reproduces_plain_sft_exactly(tmp_path, tiny_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_penalty_is_logged_and_costs_one_anchor_forward(tmp_path, tiny):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_penalty_is_logged_and_the_anchors_cost_what_they_should(tmp_path, tiny, fuse):
     model, tok = tiny
-    cfg = _cfg(tmp_path, "defense.name=sbr", "defense.n_anchors=3")
+    cfg = _cfg(tmp_path, "defense.name=sbr", "defense.n_anchors=3", f"defense.fuse={fuse}")
     res = train(cfg, examples=EXAMPLES, model=model, tokenizer=tok, aux={"harmful_prompts": HARMFUL}, progress=False)
     rows = res.metrics
-    assert rows[0]["loss/sbr"] == 0.0 and rows[-1]["loss/sbr"] > 0
-    assert all(r["passes/forward"] == 2 and r["passes/backward"] == 1 for r in rows)
+    # packed, the anchors match the plain pass that made h_ref to rounding only
+    assert rows[0]["loss/sbr"] == 0.0 if not fuse else rows[0]["loss/sbr"] < 1e-8
+    assert rows[-1]["loss/sbr"] > 1e-6
+    if fuse:  # one wider pass: the anchors ride in the task forward
+        assert all(r["passes/forward"] == 1 and r["passes/backward"] == 1 for r in rows)
+    else:  # the released code's separate anchor forward
+        assert all(r["passes/forward"] == 2 and r["passes/backward"] == 1 for r in rows)
+    assert all(r["positions"] > 0 for r in rows)
+
+
+def _grads(ctx: RunContext) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in ctx.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("anchor_batch", [None, 2])
+def test_the_packed_step_equals_task_plus_penalty_in_separate_passes(tiny, tmp_path, anchor_batch):
+    # Same loss terms and same gradient, whether the anchors ride in the task forward or run alone.
+    extra = ["defense.n_anchors=4"] + ([f"defense.anchor_batch={anchor_batch}"] if anchor_batch else [])
+    ctx = _ctx(tiny, tmp_path, *extra)
+    ctx.task_rows = ctx.render(EXAMPLES)
+    with torch.no_grad():
+        for n, p in ctx.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)  # away from the aligned point, so the penalty and its gradient are not 0
+    fused, plain = _setup(ctx), _setup(ctx)
+    plain.fused = False
+    assert fused.fused
+    batch = ctx.batch(ctx.task_rows[:4])
+    out = {}
+    for name, d in (("fused", fused), ("plain", plain)):
+        ctx.model.zero_grad(set_to_none=True)
+        if anchor_batch:  # both read the one named stream: start each at the same anchors
+            ctx.streams["sbr_anchors"].pos = 0
+        out[name] = (d.step(ctx, batch), _grads(ctx))
+    (a, ga), (b, gb) = out["fused"], out["plain"]
+    assert a.terms["sbr"].item() > 1e-4
+    for k in ("task", "sbr"):
+        torch.testing.assert_close(a.terms[k], b.terms[k], atol=1e-6, rtol=1e-5)
+    assert ga.keys() == gb.keys() and ga
+    # float rounding differs (other shapes); a wrong mask or position would be an O(1) difference
+    assert max(relative_error(ga[n], gb[n]) for n in ga) < 1e-4
+
+
+def test_a_model_that_ignores_the_packed_mask_falls_back_to_a_separate_pass(tiny, tmp_path, caplog, monkeypatch):
+    # An attention that treats every row as one causal sequence lets packed anchors see the task tokens
+    # before them: the setup check must notice (O(1) error) and keep the separate anchor forward.
+    import safeft.packing as packing
+
+    real = packing.pack
+
+    def causal_everywhere(task, segs, **kw):
+        packed = real(task, segs, **kw)
+        m = packed.batch["attention_mask"]
+        packed.batch["attention_mask"] = torch.ones_like(m).tril()
+        return packed
+
+    monkeypatch.setattr(packing, "pack", causal_everywhere)
+    ctx = _ctx(tiny, tmp_path, "defense.n_anchors=4")
+    ctx.task_rows = ctx.render(EXAMPLES)
+    d = _setup(ctx)
+    assert not d.fused
+    assert "does not reproduce a plain pass" in caplog.text
 
 
 def test_a_model_without_output_embeddings_is_refused(tiny, tmp_path):

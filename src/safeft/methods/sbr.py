@@ -19,9 +19,10 @@ from torch import nn
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import last_prompt_index
 from safeft.data.types import Example
-from safeft.methods.base import Batch, Defense
+from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
 from safeft.models import ModelError
+from safeft.packing import attention_format, pack, packing_works
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ class SBRConfig(DefenseConfig):
     lam: float = 50.0  # λ, weight of the anchor MSE; 0 = plain SFT
     n_anchors: int = 8  # N harmful prompts anchored (the first N of the aux set); the paper's headline is 1
     anchor_batch: int | None = None  # anchors per micro-batch; None = all N every step
+    # run the anchors inside the task forward (safeft.packing) when the model passes the setup check;
+    # false = a separate anchor forward as in the released code. Same objective either way [ours].
+    fuse: bool = True
 
 
 @contextlib.contextmanager
@@ -139,6 +143,8 @@ class SBR(Defense):
         self.h_ref: torch.Tensor | None = None  # (N, d) fp32
         self._all: Batch | None = None  # the N anchors as one batch, when every step uses all of them
         self._stream = None
+        self._rows: list = []
+        self.fused = False
 
     def setup(self, ctx) -> None:
         if self.cfg.lam == 0:
@@ -154,11 +160,39 @@ class SBR(Defense):
         anchors = ctx.batch(rows, "right")
         with ctx.reference() as ref:
             self.h_ref = final_states(ctx, ref, anchors).detach()
+        self._rows = rows
         k = self.cfg.anchor_batch
         if k is None or k >= len(rows):
             self._all = anchors
         else:
             self._stream = ctx.stream("sbr_anchors", rows, k)
+        self.fused = self.cfg.fuse and packing_works(ctx, rows, share=True, who="sbr")
+
+    def _pack(self, ctx, task: Batch, rows, fmt: str):
+        segs = [torch.tensor(r.input_ids) for r in rows]
+        return pack(task, segs, pad_id=ctx.tokenizer.pad_token_id, share=True, fmt=fmt)
+
+    def _anchors(self, ctx) -> tuple[list, torch.Tensor]:
+        """This micro-batch's anchor rows and their reference states."""
+        if self._stream is None:
+            return self._rows, self.h_ref
+        rows = self._stream.next()
+        return rows, self.h_ref[torch.tensor([int(r.id) for r in rows], device=self.h_ref.device)]
+
+    def step(self, ctx, batch: Batch) -> StepOutput:
+        if self.cfg.lam == 0 or not self.fused:
+            return super().step(ctx, batch)  # task CE + penalty(): the anchors in their own forward
+        rows, ref = self._anchors(ctx)
+        packed = self._pack(ctx, batch, rows, attention_format(ctx.accelerator.unwrap_model(ctx.model)))
+        with unembedding_input(ctx.accelerator.unwrap_model(ctx.model)) as seen:
+            task = ctx.forward(packed.batch).loss
+        if len(seen) != 1:
+            raise ModelError(f"the output embeddings ran {len(seen)} times in one forward; expected exactly once")
+        h = packed.take_last(seen[0]).float()
+        terms = {"task": task, "sbr": self.cfg.lam * F.mse_loss(h, ref)}
+        total = torch.stack([t.float() for t in terms.values()]).sum()
+        ctx.backward(total)
+        return StepOutput(total.detach(), {k: v.detach() for k, v in terms.items()})
 
     def penalty(self, ctx, batch: Batch) -> dict[str, torch.Tensor]:
         if self.cfg.lam == 0:
@@ -168,8 +202,7 @@ class SBR(Defense):
         if self._stream is None:
             anchors, ref = self._all, self.h_ref
         else:
-            rows = self._stream.next()
+            rows, ref = self._anchors(ctx)
             anchors = ctx.batch(rows, "right")
-            ref = self.h_ref[torch.tensor([int(r.id) for r in rows], device=self.h_ref.device)]
         h = final_states(ctx, ctx.model, anchors)
         return {"sbr": self.cfg.lam * F.mse_loss(h, ref)}
