@@ -124,14 +124,21 @@ def test_pgd_never_touches_parameter_grads(saft_ctx):
 
 
 @pytest.mark.parametrize(
-    ("kl_on", "forward", "backward"),
-    # K = 2: anchor 1 + (K+1); task 1 + 1 (reference) + (K+1); both: the two parts
-    [("anchor", 4, 4), ("task", 5, 4), ("both", 8, 7)],
+    ("kl_on", "fuse", "forward", "backward"),
+    # K = 2: anchor 1 + (K+1), or 1 + K with the outer anchor pass packed into the task forward;
+    # task 1 + 1 (reference) + (K+1); both: the two parts (never packed)
+    [("anchor", False, 4, 4), ("anchor", True, 3, 3), ("task", True, 5, 4), ("both", True, 8, 7)],
 )
-def test_passes_per_step_match_the_documented_cost(tmp_path, tiny, kl_on, forward, backward):
+def test_passes_per_step_match_the_documented_cost(tmp_path, tiny, kl_on, fuse, forward, backward):
     model, tok = tiny
     cfg = cfg_for(
-        tmp_path, "train.steps=1", "defense.name=saft", "defense.pgd_steps=2", f"defense.kl_on={kl_on}", *FAST
+        tmp_path,
+        "train.steps=1",
+        "defense.name=saft",
+        "defense.pgd_steps=2",
+        f"defense.kl_on={kl_on}",
+        f"defense.fuse={fuse}",
+        *FAST,
     )
     res = train(cfg, examples=EXAMPLES, model=model, tokenizer=tok, aux=AUX, progress=False)
     for row in res.metrics:

@@ -67,7 +67,8 @@ from safeft.diagnose.capture import capture  # hooks by decoder index, removed i
 from safeft.diagnose.cka import linear_cka
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
-from safeft.methods.saft import AnchorSet, check_anchor_fields, eval_mode, inputs_only
+from safeft.methods.saft import AnchorSet, check_anchor_fields, eval_mode, fused_step, inputs_only
+from safeft.packing import packing_works
 
 if TYPE_CHECKING:
     from safeft.train import RunContext
@@ -93,6 +94,9 @@ class RepAnchorConfig(DefenseConfig):
     drift_floor: float = 1e-4  # drifts below this count as this, so weights never divide by 0 [inferred]
     sample: str = "mean"  # CKA sample per prompt: "mean" of real tokens except the first, or "last" [inferred]
     ref_max_new_tokens: int = 16  # y_ref length [inferred; ours: the refusal onset, where safety is decided]
+    # the clean anchor rows ride in the task forward (safeft.packing) when the setup check passes, instead of
+    # a second small pass; same objective [ours]. false = a separate anchor forward.
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         check_repanchor(self)
@@ -174,12 +178,15 @@ class RepAnchor(Defense):
         self.scale = torch.ones(0)  # per candidate: RMS of h_ref over the anchor set
         self.probe_harm: list[Rendered] = []
         self.probe_ref: dict[int, torch.Tensor] = {}  # layer -> (n_probe rows, d) fp64 reference samples
+        self.fused = False  # clean anchors packed into the task forward (set in setup)
 
     # ------------------------------------------------------------------ setup
 
     def setup(self, ctx: RunContext) -> None:
         if self.cfg.gamma > 0:  # gamma == 0 touches nothing: exactly SFT
-            self.prepare(ctx, self.anchors.build(ctx))
+            rows = self.anchors.build(ctx)
+            self.prepare(ctx, rows)
+            self.fused = self.cfg.fuse and packing_works(ctx, rows, share=True, who="repanchor")
 
     def prepare(self, ctx: RunContext, rows: list[Rendered]) -> None:
         """Cache the reference's anchor hidden states and probe samples; measure the step-0 drift."""
@@ -266,18 +273,28 @@ class RepAnchor(Defense):
     # ------------------------------------------------------------------ the penalty
 
     def penalty_value(self, ctx: RunContext, rows: list[Rendered]) -> torch.Tensor:
-        """R(θ) on a clean anchor batch (unweighted by γ, with grad)."""
-        layers, w = self.selection()
+        """R(θ) on a clean anchor batch in its own forward (unweighted by γ, with grad)."""
+        layers, _ = self.selection()
         batch = ctx.batch(rows)
         model = ctx.accelerator.unwrap_model(ctx.model)
         with capture(model, layers) as h:
             ctx.forward(inputs_only(batch), logits_to_keep=1)
         mask = token_mask(batch)
-        total = torch.zeros((), device=ctx.device)
+        return self.rep_loss(h, lambda x, i: x[i][mask[i]], rows)
+
+    def rep_loss(self, h: dict, take, rows: list[Rendered]) -> torch.Tensor:
+        """R(θ) from block outputs ``h`` (layer -> tensor) of a pass that held the anchor ``rows``.
+
+        ``take(x, i)`` returns row i's anchored positions (every real token but the first, in order) of
+        ``x``: from a plain anchor batch, or from a packed task forward (``safeft.packing``).
+        """
+        layers, w = self.selection()
+        total = torch.zeros((), device=next(iter(h.values())).device)
         for weight, layer in zip(w.tolist(), layers, strict=True):
             c = self.candidates.index(layer)
+            got = torch.cat([take(h[layer], i) for i in range(len(rows))])
             ref = torch.cat([self.ref_hidden[int(r.id)][c] for r in rows])
-            diff = (h[layer][mask].float() - ref) / self.scale[c]
+            diff = (got.float() - ref) / self.scale[c]
             total = total + weight * diff.square().mean()
         return total
 
@@ -291,6 +308,8 @@ class RepAnchor(Defense):
         if self.cfg.gamma == 0:
             return super().step(ctx, batch)
         self.observe(ctx, batch)
+        if self.fused:
+            return fused_step(ctx, batch, self.anchors.next(), rep=self)
         task = ctx.forward(batch).loss
         ctx.backward(task)
         rep = self.rep_term(ctx, self.anchors.next())

@@ -61,8 +61,10 @@ from torch import nn
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE, Rendered
 from safeft.data.types import Example
+from safeft.diagnose.capture import capture  # hooks by decoder index, removed in finally
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
+from safeft.packing import attention_format, pack, packing_works
 
 if TYPE_CHECKING:
     from safeft.train import RunContext, Stream
@@ -87,6 +89,10 @@ class SAFTConfig(DefenseConfig):
     kl_topk: int = 64  # cache top-k reference log-probs + a tail bucket; 0 = full vocabulary [inferred]
     kl_on: str = "anchor"  # anchor | task | both: where the KL is measured [inferred]
     random_init: bool = True  # δ₀ ~ 0.5·Uniform(ε-ball), else δ₀ = 0 [inferred]
+    # the outer (adversarial) anchor pass rides in the task forward (safeft.packing) when the setup check
+    # passes, instead of a second small pass; same objective [ours]. PGD's K passes stay separate (they
+    # need θ's gradient w.r.t. δ only). false = separate passes. kl_on=task|both always run separately.
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         check_saft(self)
@@ -263,6 +269,11 @@ def adversarial_logits(ctx: RunContext, batch: Batch, emb: torch.Tensor, delta: 
     return logits[:, :-1][response_mask(batch)]
 
 
+def response_positions(row: Rendered) -> torch.Tensor:
+    """Positions of ``row`` whose logits predict one of its response tokens (labels shifted by one)."""
+    return torch.nonzero(torch.tensor(row.labels[1:]) != IGNORE).squeeze(1)
+
+
 def project(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """Per-token L2 projection of δ (B, T, d) onto ‖δ_t‖ <= radius_t (B, T)."""
     norm = delta.norm(dim=-1, keepdim=True)
@@ -300,6 +311,64 @@ def pgd(ctx: RunContext, batch: Batch, target: KLTarget, cfg: SAFTConfig) -> tor
     return delta.detach()
 
 
+# ----------------------------------------------------------------------------- one packed outer pass
+
+
+def fused_step(ctx: RunContext, batch: Batch, rows: list[Rendered], saft: SAFT | None = None, rep=None) -> StepOutput:
+    """Task CE + λ·KL at δ* (``saft``) + γ·R on the clean anchors (``rep``, a RepAnchor) from ONE forward.
+
+    PGD runs first, in its own K passes. Then the anchor rows ride in the task batch (``safeft.packing``):
+    under attack as rows of embeddings emb + δ* (they share nothing with their host: δ* moves the template
+    tokens too), and clean for RepAnchor, reading the chat template's prefix from the host row. The terms
+    and their gradient equal the separate passes' to float rounding; one backward instead of three.
+    """
+    model = ctx.accelerator.unwrap_model(ctx.model)
+    segments = [torch.tensor(r.input_ids) for r in rows]
+    segs: list[torch.Tensor] = []
+    embeds: list[torch.Tensor | None] = []
+    share: list[bool] = []
+    target = None
+    if saft is not None:
+        anchors = ctx.batch(rows)
+        target = KLTarget.cat([saft.targets[int(r.id)] for r in rows])
+        delta = pgd(ctx, anchors, target, saft.cfg)
+        emb = embed(ctx, anchors["input_ids"])
+        adv = (emb.float() + delta).to(emb.dtype)
+        segs += segments
+        embeds += [adv[i, : len(s)] for i, s in enumerate(segments)]
+        share += [False] * len(rows)
+    if rep is not None:
+        layers, _ = rep.selection()
+        segs += segments
+        embeds += [None] * len(rows)
+        share += [True] * len(rows)
+    packed = pack(
+        batch,
+        segs,
+        pad_id=ctx.tokenizer.pad_token_id,
+        share=share,
+        fmt=attention_format(model),
+        embed=model.get_input_embeddings(),
+        segment_embeds=embeds if saft is not None else None,
+    )
+    with capture(model, layers) if rep is not None else contextlib.nullcontext({}) as h:
+        out = ctx.forward(packed.batch)
+    terms = {"task": out.loss}
+    if saft is not None:
+        logits = torch.cat([packed.take(out.logits, i, response_positions(r)) for i, r in enumerate(rows)])
+        terms["kl"] = saft.cfg.lam * kl_to_reference(target, logits)
+    if rep is not None:
+        first = len(rows) if saft is not None else 0  # the clean rows follow the attacked ones
+
+        def take(x: torch.Tensor, i: int) -> torch.Tensor:  # every real token but the first (token_mask)
+            return packed.take(x, first + i, torch.arange(1, len(rows[i].input_ids)))
+
+        terms["rep"] = rep.cfg.gamma * rep.rep_loss(h, take, rows)
+    total = torch.stack([t.float() for t in terms.values()]).sum()
+    ctx.backward(total)
+    return StepOutput(total.detach(), {k: v.detach().float() for k, v in terms.items()})
+
+
 # ----------------------------------------------------------------------------- the defense
 
 
@@ -317,6 +386,7 @@ class SAFT(Defense):
         self.cfg: SAFTConfig = cfg
         self.anchors = AnchorSet(cfg.n_anchors, cfg.ref_max_new_tokens, cfg.anchor_batch)
         self.targets: list[KLTarget] = []
+        self.fused = False  # the outer anchor pass packed into the task forward (set in setup)
 
     @property
     def uses_anchors(self) -> bool:
@@ -324,7 +394,13 @@ class SAFT(Defense):
 
     def setup(self, ctx: RunContext) -> None:
         if self.uses_anchors:  # lam == 0 touches nothing: exactly SFT
-            self.prepare(ctx, self.anchors.build(ctx))
+            rows = self.anchors.build(ctx)
+            self.prepare(ctx, rows)
+            self.fused = self.can_fuse and packing_works(ctx, rows, share=False, who="saft")
+
+    @property
+    def can_fuse(self) -> bool:
+        return self.cfg.fuse and self.cfg.kl_on == "anchor"
 
     def prepare(self, ctx: RunContext, rows: list[Rendered]) -> None:
         """Cache the reference's log-probs on the anchors' response positions (once)."""
@@ -336,6 +412,8 @@ class SAFT(Defense):
     def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
         if self.cfg.lam == 0:
             return super().step(ctx, batch)
+        if self.fused:
+            return fused_step(ctx, batch, self.anchors.next(), saft=self)
         task = ctx.forward(batch).loss
         ctx.backward(task)
         kl = self.kl_term(ctx, batch, self.anchors.next() if self.uses_anchors else None)

@@ -35,7 +35,8 @@ import torch
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
 from safeft.methods.repanchor import RepAnchor, RepAnchorConfig, check_repanchor
-from safeft.methods.saft import SAFT, AnchorSet, SAFTConfig, check_saft
+from safeft.methods.saft import SAFT, AnchorSet, SAFTConfig, check_saft, fused_step
+from safeft.packing import packing_works
 
 if TYPE_CHECKING:
     from safeft.train import RunContext
@@ -71,6 +72,7 @@ class SAFTRepAnchor(Defense):
         self.saft = SAFT(_part(SAFTConfig, cfg))
         self.rep = RepAnchor(_part(RepAnchorConfig, cfg))
         self.anchors = AnchorSet(cfg.n_anchors, cfg.ref_max_new_tokens, cfg.anchor_batch)
+        self.fused = False  # the outer anchor passes packed into the task forward (set in setup)
 
     @property
     def uses_anchors(self) -> bool:
@@ -84,12 +86,24 @@ class SAFTRepAnchor(Defense):
             self.saft.prepare(ctx, rows)
         if self.cfg.gamma > 0:
             self.rep.prepare(ctx, rows)
+        # packed as the step packs them: attacked rows (own prefix) then clean rows (sharing the host's)
+        lam, gamma = self.saft.uses_anchors, self.cfg.gamma > 0
+        if self.cfg.fuse and (self.saft.can_fuse or not lam):
+            segs, share = [], []
+            if lam:
+                segs, share = segs + rows, share + [False] * len(rows)
+            if gamma:
+                segs, share = segs + rows, share + [True] * len(rows)
+            self.fused = packing_works(ctx, segs, share=share, who="saft+repanchor")
 
     def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
         if self.cfg.lam == 0 and self.cfg.gamma == 0:
             return super().step(ctx, batch)
         if self.cfg.gamma > 0:
             self.rep.observe(ctx, batch)
+        if self.fused:
+            saft = self.saft if self.cfg.lam > 0 else None
+            return fused_step(ctx, batch, self.anchors.next(), saft=saft, rep=self.rep if self.cfg.gamma > 0 else None)
         task = ctx.forward(batch).loss
         ctx.backward(task)
         anchor = self.anchors.next() if self.uses_anchors else None
