@@ -170,3 +170,50 @@ def test_collate_and_pack_agree_on_a_batch_without_segments(tiny):
     packed = pack(task, [], pad_id=tok.pad_token_id)
     assert torch.equal(packed.batch["input_ids"], task["input_ids"])
     assert torch.equal(packed.batch["labels"], task["labels"])
+
+
+def _arch(name: str, impl: str):
+    import transformers as T
+
+    common = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    kv = dict(num_key_value_heads=2)
+    table = {
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {**common, **kv}),
+        "mistral": (T.MistralConfig, T.MistralForCausalLM, {**common, **kv, "sliding_window": 4096}),
+        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {**common, **kv, "head_dim": 8, "sliding_window": 4096}),
+        "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, {**common, **kv, "head_dim": 8, "sliding_window": 4096}),
+        "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, vocab_size=120)),
+    }
+    cfg_cls, model_cls, kw = table[name]
+    torch.manual_seed(0)
+    return model_cls(cfg_cls(**kw, attn_implementation=impl)).eval()
+
+
+@pytest.mark.parametrize(
+    ("arch", "impl"),
+    [(a, i) for a in ("qwen2", "mistral", "gemma3", "gpt2") for i in ("sdpa", "eager")] + [("gemma2", "eager")],
+)
+def test_packing_is_exact_on_other_architectures(arch, impl):
+    # RoPE and learned absolute positions, grouped-query attention, sliding-window configs, both mask formats
+    from safeft.packing import attention_format
+
+    model = _arch(arch, impl)
+    fmt = attention_format(model)
+    assert fmt == impl
+    gen = torch.Generator().manual_seed(1)
+    prefix = [1, 5, 6, 7, 8]
+    rows = [prefix + torch.randint(10, 90, (n,), generator=gen).tolist() for n in (12, 7, 15, 9)]
+    width = max(map(len, rows))
+    ids = torch.zeros(4, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    task = {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)}
+    segs = [torch.tensor(prefix + torch.randint(10, 90, (n,), generator=gen).tolist()) for n in (3, 6, 2, 9, 4)]
+    packed = pack(task, segs, pad_id=0, share=True, fmt=fmt)
+    got, plain = _final_states(model, packed.batch), _final_states(model, task)
+    for i, r in enumerate(rows):
+        assert relative_error(got[i, : len(r)], plain[i, : len(r)]) < 1e-5
+    for j, s in enumerate(segs):
+        alone = _final_states(model, {"input_ids": s[None]})[0]
+        assert relative_error(packed.take(got, j, torch.arange(len(s))), alone) < 1e-5

@@ -21,11 +21,14 @@ Hyperparameters (``defense.*``): ``gamma`` γ = 0.1 (sweep 0.01-1.0; 0 = exactly
 layers, ``layers`` = None (a fixed window instead, e.g. the abstract's 1-indexed 28-32 of a 32-layer model
 is ``[27, 28, 29, 30, 31]``; re-derive per model), ``refresh_every`` N_cka = 50, ``ema`` = 0.9, ``n_probe`` =
 64, ``n_anchors`` = 64, ``anchor_batch`` = 2, ``drift_floor`` = 1e-4, ``sample`` = mean (mean | last),
-``ref_max_new_tokens`` = 16.
+``ref_max_new_tokens`` = 16, ``fuse`` = true.
 
 Data: harmful prompts without responses (aux ``harmful_prompts``) and the task prompts of the run.
 
-Cost per step: 1 F+B (task) + r F+B (clean anchor pass), r = anchor tokens / task tokens; every
+Cost per step: 1 F+B (task) + r F+B (clean anchor pass), r = anchor tokens / task tokens. With ``fuse``
+(the default, [ours]) the clean anchor rows ride in the task forward (``safeft.packing``), reading the chat
+template's prefix from a task row, so a step is ONE wider forward/backward; ``fuse=false`` runs them in a
+pass of their own (same objective). Every
 ``refresh_every`` steps one forward of θ over the probe set (the reference's probe samples are cached; the
 first refresh also computes them for the task half). Setup: one greedy generation over the anchors, one
 reference forward over anchors and probes.

@@ -17,16 +17,21 @@ Hyperparameters (``defense.*``): ``lam`` λ = 0.5 (sweep 0.1-1.0; 0 = exactly SF
 (1-5; 0 = no attack, plain KL anchoring), ``eps`` ε = 0.05 (relative per-token radius, 0.01-0.2),
 ``pgd_alpha`` = ε/2 (ε if K = 1), ``n_anchors`` = 64 (64-512), ``anchor_batch`` = 2 (spec: = task batch; see config),
 ``ref_max_new_tokens`` = 16 (16-64), ``kl_topk`` = 64 (0 = full vocabulary), ``kl_on`` = anchor
-(anchor | task | both), ``random_init`` = true.
+(anchor | task | both), ``random_init`` = true, ``fuse`` = true ([ours]: the outer pass rides in the
+task forward; false = a separate adversarial pass, same objective).
 
 Data: harmful prompts without responses (aux ``harmful_prompts``); y_ref comes from the reference itself,
 so no human labels and no harmful text are needed. Reference: the adapter-disabled model under LoRA (0
 extra bytes), a frozen copy under full fine-tuning.
 
 Cost per step, in F+B of one task micro-batch: 1 (task) + (K + 1)·r (K PGD passes whose backward reaches
-only δ, plus the adversarial outer pass), r = anchor tokens / task tokens: 5 passes of each kind at K = 3.
-``kl_on=task`` adds one reference forward on the task batch; ``both`` does the anchor and the task part.
-Setup: one greedy generation of ``n_anchors`` answers plus one reference forward over them.
+only δ, plus the adversarial outer pass), r = anchor tokens / task tokens. With ``fuse`` (the default) the
+outer pass's anchor rows ride in the task forward as rows of embeddings emb + δ* (``safeft.packing``;
+they cannot share the host's template prefix, δ* moves it), so a step runs K + 1 forwards and K + 1
+backwards: 4 and 4 at K = 3 (5 and 5 unfused). ``kl_on=task`` adds one reference forward on the task
+batch; ``both`` does the anchor and the task part; neither is packed. Setup: one greedy generation of
+``n_anchors`` answers, one reference forward over them, and the packing check (three reference forwards;
+a model that fails it keeps the separate pass, with a warning).
 
 [inferred] design choices, each a knob or stated here:
 * Perturbation site: the input embeddings of the anchor's *prompt* tokens (chat-template tokens

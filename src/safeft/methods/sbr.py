@@ -106,13 +106,20 @@ class SBR(Defense):
         range 1-32. If the aux set holds fewer prompts, all of them are used, with a warning [inferred].
       * ``anchor_batch`` = None: all N anchors every micro-batch, as the code. An integer k < N cycles
         through the anchors k at a time through a checkpointed stream [inferred: for large N only].
+      * ``fuse`` = true [ours]: the anchors ride in the task forward (``safeft.packing``) instead of a
+        forward of their own. Same objective; false runs the released code's separate anchor forward.
 
     Data: the aux set ``harmful_prompts`` (prompts only, no responses or labels); the first N are anchors.
 
-    Cost: the task forward/backward plus one forward over the N short anchor prompts per micro-batch,
-    back-propagated together with the task loss (≈ +2-5 % compute at N = 8); logged as
-    ``passes/forward = 2``, ``passes/backward = 1`` per micro-batch (the anchor forward also projects
-    every anchor position onto the vocabulary, which is discarded). Setup: one reference forward.
+    Cost: one forward/backward per micro-batch, the task batch with the anchors packed in: they fill its
+    padding, widen it only as needed, and read the chat template's system prompt and user header from a
+    task row instead of recomputing it (anchors add only their own tokens: 148 of 348 for the 8 default
+    anchors on SmolLM2, ~+12 % positions on batch-8 finance rows, 1.08x SFT's step time on 2 CPU cores).
+    Logged as ``passes/forward = 1``, ``passes/backward = 1`` and ``positions`` per step. Setup: one
+    reference forward for ``h_ref`` plus the packing check (three reference forwards on the first task
+    rows). With ``fuse`` false, or where the check fails: a separate forward over the N anchors
+    (``passes/forward = 2``), which on a small model costs far more than its tokens (1.53x SFT measured:
+    every pass pays the same per-layer overhead).
 
     Pitfalls handled:
       * The hidden state is taken with a pre-hook on ``get_output_embeddings()`` (the ``lm_head`` input),
@@ -125,6 +132,12 @@ class SBR(Defense):
         is the one the deployed model answers from (the code used Llama-3.1's template directly).
       * ``h_ref`` comes from the reference before any update, in fp32; the MSE is taken in fp32 whatever
         the autocast precision.
+      * Packed anchors must see exactly what they see alone. ``safeft.packing`` builds a 4-D mask and
+        position ids for that, and setup checks the result on the reference against plain passes; a model
+        whose attention ignores the mask (or takes no custom mask) keeps the separate forward, with a
+        warning. In bf16 the packed and the plain pass differ by rounding (~1 % relative on the final
+        state on SmolLM2, as much as batching the anchors differently does), so the logged penalty starts
+        near 0.02 at λ = 50 instead of exactly 0; in fp32 they agree to ~1e-6.
     """
 
     name = "sbr"
