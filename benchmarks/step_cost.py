@@ -13,13 +13,16 @@ passes.
     .venv/bin/python benchmarks/step_cost.py --tiny                        # quick check, tiny random model
     .venv/bin/python benchmarks/step_cost.py --methods sft saft repanchor  # SmolLM2-135M (the default)
 
-Timings are only comparable within one run of this script, on an otherwise idle machine.
+Timings are only comparable within one run of this script, on an otherwise idle machine. SFT is measured
+before the first method and after every method, and each ratio is to the mean of the two SFT runs around
+it, so a machine whose speed drifts during the run does not bias the methods measured late.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib
 import json
 import logging
@@ -64,7 +67,7 @@ def _required(method: str, base: str) -> list[str]:
     return [f"defense.base_model={base}"] if "base_model" in fields else []
 
 
-def measure(
+def _measure(
     method: str, spec: str, args: argparse.Namespace, examples: list, root: Path, base: str, run_id: str = ""
 ) -> dict:
     cfg = C.load(
@@ -80,6 +83,7 @@ def measure(
             *_required(method, base),
         ]
     )
+    print(f"measuring {method} ({args.warmup} + {args.steps} steps) ...", file=sys.stderr, flush=True)
     model, tok = models.load(spec)
     res = train(cfg, examples=examples, model=model, tokenizer=tok, progress=False)
     timed = res.metrics[args.warmup :]
@@ -122,36 +126,40 @@ def main(argv: list[str] | None = None) -> None:
         if args.tiny:
             spec = str(save_tiny_model(root / "tiny-model"))
             base = str(save_tiny_model(root / "tiny-base", seed=1))
-        results = {}
-        for m in methods:
-            print(f"measuring {m} ({args.warmup} + {args.steps} steps) ...", file=sys.stderr, flush=True)
-            results[m] = measure(m, spec, args, examples, root, base)
-        # SFT again at the end: on a shared or throttling machine the speed drifts over a long run, and one
-        # SFT figure taken first would fold that drift into every later ratio. Ratios use the mean of both.
-        sft_last = None
-        if len(methods) > 1:
-            print("measuring sft again (drift check) ...", file=sys.stderr, flush=True)
-            sft_last = measure("sft", spec, args, examples, root, base, run_id="sft-again")["s_per_step"]
+        # SFT brackets every method: sft, m1, sft, m2, ..., sft. On a shared or throttling machine the speed
+        # drifts over a long run (+10-20 % over 13 methods here); each method's ratio is to the mean of the
+        # SFT runs just before and after it, so slow drift cancels instead of landing on late methods.
+        others = [m for m in methods if m != "sft"]
+        sft_runs = [_measure("sft", spec, args, examples, root, base, run_id="sft-0")]
+        results: dict[str, dict] = {"sft": sft_runs[0]}
+        for m in others:
+            results[m] = _measure(m, spec, args, examples, root, base)
+            gc.collect()  # the last method's model and optimizer are not the next run's memory pressure
+            sft_runs.append(_measure("sft", spec, args, examples, root, base, run_id=f"sft-{len(sft_runs)}"))
 
-    sft_first = results["sft"]["s_per_step"]
-    base = sft_first if sft_last is None else (sft_first + sft_last) / 2
+    sft_times = [r["s_per_step"] for r in sft_runs]
+    # SFT against itself: its first run against the mean of all of them (the noise floor of this table)
+    local = {"sft": statistics.mean(sft_times)}
+    for i, m in enumerate(others):
+        local[m] = (sft_times[i] + sft_times[i + 1]) / 2
     print(
         f"\nstep cost on {'a tiny random model' if args.tiny else args.model}, batch {args.batch_size}, "
         f"mean of {args.steps} steps after {args.warmup} warm-up\n"
     )
     pos = results["sft"]["positions"]
-    print(f"| {'method':<16} | s/step | ratio to SFT | fwd/step | bwd/step | positions/step (x SFT) |")
-    print(f"|{'-' * 18}|--------|--------------|----------|----------|------------------------|")
+    head = "| s/step | SFT s/step around it | ratio to SFT | fwd/step | bwd/step | positions/step (x SFT) |"
+    print(f"| {'method':<16} {head}")
+    print(f"|{'-' * 18}|--------|----------------------|--------------|----------|----------|------------------------|")
     for m, r in results.items():
         print(
-            f"| {m:<16} | {r['s_per_step']:6.3f} | {r['s_per_step'] / base:12.2f} | {r['fwd']:8.1f} | {r['bwd']:8.1f} "
-            f"| {r['positions']:14.0f} ({r['positions'] / pos:4.2f}) |"
+            f"| {m:<16} | {r['s_per_step']:6.3f} | {local[m]:20.3f} | {r['s_per_step'] / local[m]:12.2f} "
+            f"| {r['fwd']:8.1f} | {r['bwd']:8.1f} | {r['positions']:14.0f} ({r['positions'] / pos:4.2f}) |"
         )
-    if sft_last is not None:
+    if len(sft_times) > 1:
         print(
-            f"\nSFT measured first {sft_first:.3f} s/step and last {sft_last:.3f} s/step "
-            f"(drift {100 * (sft_last / sft_first - 1):+.0f}%); ratios are to their mean. Plain-SFT-step methods "
-            "(mixing, safelora) show the remaining noise."
+            f"\nSFT measured {len(sft_times)} times, around every method: {min(sft_times):.3f}-{max(sft_times):.3f} "
+            f"s/step (spread {100 * (max(sft_times) / min(sft_times) - 1):.0f}%). Each ratio is to the mean of the SFT "
+            "runs just before and after the method; plain-SFT-step methods (mixing, safelora) show the remaining noise."
         )
     print("\nsetup passes (one-off): " + ", ".join(f"{m} {r['setup']['forward']}F" for m, r in results.items()))
     ref = {m: r["ref_bytes"] for m, r in results.items()}

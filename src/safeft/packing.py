@@ -238,8 +238,7 @@ def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: st
         why = "no task rows to check it on" if fmt is not None else "its attention takes no custom 4-D mask"
         log.warning("%s: anchors run in a separate forward (%s)", who, why)
         return False
-    head = model.get_output_embeddings()
-    if head is None:
+    if model.get_output_embeddings() is None:
         log.warning("%s: anchors run in a separate forward (the model has no output embeddings to check at)", who)
         return False
     host = ctx.batch(ctx.task_rows[: ctx.cfg.train.batch_size], "right")
@@ -252,13 +251,14 @@ def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: st
         fmt=fmt,
     )
     states: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: states.append(args[0].float()))
-    try:
-        with ctx.reference() as ref:
+    with ctx.reference() as ref:
+        # the module that runs: the same network under LoRA, a frozen copy under full fine-tuning
+        handle = ref.get_output_embeddings().register_forward_pre_hook(lambda _m, a: states.append(a[0].float()))
+        try:
             for b in (packed.batch, host, alone):
                 ctx.forward(b, model=ref)
-    finally:
-        handle.remove()
+        finally:
+            handle.remove()
     got, task, seg = states
     real = host["attention_mask"].bool()
     err_task = relative_error(got[: packed.n_task, : real.shape[1]][real], task[real])

@@ -217,3 +217,21 @@ def test_packing_is_exact_on_other_architectures(arch, impl):
     for j, s in enumerate(segs):
         alone = _final_states(model, {"input_ids": s[None]})[0]
         assert relative_error(packed.take(got, j, torch.arange(len(s))), alone) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["sbr", "saft+repanchor"])
+def test_packing_under_full_fine_tuning(tmp_path, tiny, name):
+    # the reference is then a frozen copy, not the adapter-disabled model: the check must run on it
+    from safeft.train import train
+
+    model, tok = tiny
+    cfg = tiny_run_config(
+        tmp_path / "runs",
+        f"defense.name={name}",
+        "model.lora.enabled=false",
+        "train.steps=2",
+        *(("defense.ref_max_new_tokens=6", "defense.n_anchors=4") if name != "sbr" else ("defense.n_anchors=3",)),
+    )
+    res = train(cfg, examples=EXAMPLES, model=model, tokenizer=tok, aux=AUX, progress=False)
+    assert all(r["passes/forward"] == (1 if name == "sbr" else 4) for r in res.metrics)  # packed
+    assert all(k in res.metrics[-1] for k in (("loss/sbr",) if name == "sbr" else ("loss/kl", "loss/rep")))
