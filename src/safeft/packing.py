@@ -16,7 +16,7 @@ which every sequence sees exactly what it would see alone:
 
 Labels are the task's at host positions and ignored elsewhere, so the task CE is the same sum over the
 same tokens. Everything is exact in real arithmetic; in floating point the kernels see other shapes, so
-results match a plain pass to rounding (fp32 ~1e-6). ``check`` measures that on the real model before a
+results match a plain pass to rounding (fp32 ~1e-6). ``packing_works`` measures that on the real model before a
 defense relies on it: an architecture that ignores a custom 4-D mask or explicit position ids fails the
 check, and the defense then runs its anchors in a separate pass (same objective, slower) and says so.
 """
@@ -197,8 +197,7 @@ def pack(
     if any(e is not None for e in embeds):
         if embed is None:
             raise ValueError("segment_embeds needs embed (the model's input embeddings)")
-        x = embed(out_ids)
-        x = x.clone() if x.requires_grad else x
+        x = embed(out_ids)  # a fresh tensor: writing the segments' rows into it is safe under autograd
         for p, e in zip(placements, embeds, strict=True):
             if e is not None:
                 x[p.row, p.start : p.start + p.length] = e.to(x.dtype)
