@@ -68,10 +68,7 @@ class Defense:
 
     def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
         task = ctx.forward(batch).loss
-        terms = {"task": task, **self.penalty(ctx, batch)}
-        total = torch.stack([t.float() for t in terms.values()]).sum()
-        ctx.backward(total)
-        return StepOutput(total.detach(), {k: v.detach() for k, v in terms.items()})
+        return backward_terms(ctx, {"task": task, **self.penalty(ctx, batch)})
 
     def after_train(self, ctx: RunContext) -> None:
         """Post-hoc work after the last step."""
@@ -89,6 +86,15 @@ class Defense:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{self.name} keeps no state but the checkpoint holds {sorted(state)}")
+
+
+def backward_terms(
+    ctx: RunContext, terms: dict[str, torch.Tensor], diagnostics: dict[str, float] | None = None
+) -> StepOutput:
+    """Back-propagate the sum of named loss terms (in fp32) once; the ``StepOutput`` the loop logs."""
+    total = torch.stack([t.float() for t in terms.values()]).sum()
+    ctx.backward(total)
+    return StepOutput(total.detach(), {k: v.detach() for k, v in terms.items()}, diagnostics or {})
 
 
 def cycle(items: list, seed: int) -> Iterator:

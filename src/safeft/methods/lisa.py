@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from safeft.config import ConfigError, DefenseConfig
-from safeft.methods.base import Batch, Defense, StepOutput
+from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
 from safeft.methods.registry import METHODS
 from safeft.models import trainable_parameters
 
@@ -134,11 +134,10 @@ class Lisa(Defense):
             params = trainable_parameters(ctx.accelerator.unwrap_model(ctx.model))
             sq = sum(((p.float() - self.snapshot[n]) ** 2).sum() for n, p in params.items())
             terms["prox"] = 0.5 * self.cfg.rho * sq
-        total = torch.stack(list(terms.values())).sum()
-        ctx.backward(total)
+        out = backward_terms(ctx, terms, {"lisa_state": float(aligning)})
         self.steps += 1
         self.clock += 1
-        return StepOutput(total.detach(), {k: v.detach() for k, v in terms.items()}, {"lisa_state": float(aligning)})
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         snap = {k: v.cpu() for k, v in self.snapshot.items()} if self.snapshot is not None else None

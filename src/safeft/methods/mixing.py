@@ -10,12 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE
 from safeft.data.types import Example
-from safeft.methods.base import Batch, Defense, StepOutput
+from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
 from safeft.methods.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -129,6 +127,4 @@ class Mixing(Defense):
         if self._stream is not None:
             safety = ctx.batch(self._stream.next())
             terms["safety"] = self.cfg.lam * ctx.forward(safety).loss.float()
-        total = torch.stack(list(terms.values())).sum()
-        ctx.backward(total)
-        return StepOutput(total.detach(), {k: v.detach() for k, v in terms.items()})
+        return backward_terms(ctx, terms)

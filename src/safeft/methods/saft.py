@@ -67,7 +67,7 @@ from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE, Rendered
 from safeft.data.types import Example
 from safeft.diagnose.capture import capture  # hooks by decoder index, removed in finally
-from safeft.methods.base import Batch, Defense, StepOutput
+from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
 from safeft.methods.registry import METHODS
 from safeft.packing import attention_format, pack, packing_works
 
@@ -369,9 +369,7 @@ def fused_step(ctx: RunContext, batch: Batch, rows: list[Rendered], saft: SAFT |
             return packed.take(x, first + i, torch.arange(1, len(rows[i].input_ids)))
 
         terms["rep"] = rep.cfg.gamma * rep.rep_loss(h, take, rows)
-    total = torch.stack([t.float() for t in terms.values()]).sum()
-    ctx.backward(total)
-    return StepOutput(total.detach(), {k: v.detach().float() for k, v in terms.items()})
+    return backward_terms(ctx, terms)
 
 
 # ----------------------------------------------------------------------------- the defense

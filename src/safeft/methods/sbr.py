@@ -19,7 +19,7 @@ from torch import nn
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import last_prompt_index
 from safeft.data.types import Example
-from safeft.methods.base import Batch, Defense, StepOutput
+from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
 from safeft.methods.registry import METHODS
 from safeft.models import ModelError
 from safeft.packing import attention_format, pack, packing_works
@@ -202,10 +202,7 @@ class SBR(Defense):
         if len(seen) != 1:
             raise ModelError(f"the output embeddings ran {len(seen)} times in one forward; expected exactly once")
         h = packed.take_last(seen[0]).float()
-        terms = {"task": task, "sbr": self.cfg.lam * F.mse_loss(h, ref)}
-        total = torch.stack([t.float() for t in terms.values()]).sum()
-        ctx.backward(total)
-        return StepOutput(total.detach(), {k: v.detach() for k, v in terms.items()})
+        return backward_terms(ctx, {"task": task, "sbr": self.cfg.lam * F.mse_loss(h, ref)})
 
     def penalty(self, ctx, batch: Batch) -> dict[str, torch.Tensor]:
         if self.cfg.lam == 0:
