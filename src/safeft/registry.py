@@ -19,16 +19,22 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._docs: dict[str, str] = {}
+        self._hidden: set[str] = set()
 
-    def register(self, name: str, doc: str = "") -> Callable[[T], T]:
+    def register(self, name: str, doc: str = "", *, hidden: bool = False) -> Callable[[T], T]:
+        """Register under ``name``; ``doc`` (default: the object's docstring) gives the summary ``safeft ls``
+        prints, its first paragraph. ``hidden`` entries (test doubles) work by name but are not listed."""
         key = name.lower()
 
         def deco(obj: T) -> T:
             if key in self._items:
                 raise ValueError(f"{self.kind} {key!r} is registered twice")
             self._items[key] = obj
-            first = (doc or (getattr(obj, "__doc__", None) or "")).strip().splitlines()
-            self._docs[key] = first[0] if first else ""
+            text = (doc or (getattr(obj, "__doc__", None) or "")).strip()
+            # The first paragraph, whole: a summary sentence often wraps onto a second source line.
+            self._docs[key] = " ".join(text.split("\n\n")[0].split())
+            if hidden:
+                self._hidden.add(key)
             return obj
 
         return deco
@@ -47,5 +53,5 @@ class Registry(Generic[T]):
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))
 
-    def describe(self) -> dict[str, str]:
-        return {k: self._docs[k] for k in sorted(self._items)}
+    def describe(self, include_hidden: bool = True) -> dict[str, str]:
+        return {k: self._docs[k] for k in sorted(self._items) if include_hidden or k not in self._hidden}

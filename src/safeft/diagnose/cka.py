@@ -152,7 +152,7 @@ class StreamingCKA:
     second moments do not depend on a constant shift, so this changes nothing in exact arithmetic, but it
     removes the large common offsets (LLM "massive activations") before the products, so the final
     centring cancels small numbers instead of huge ones. That is what makes ``product_dtype=torch.float32``
-    safe (spec §8.3 allows fp32, never bf16): the per-chunk products then cost half as much on CPU, while the
+    safe (fp32 products are enough here, bf16 never is): the per-chunk products then cost half as much on CPU, while the
     accumulators, sums and the final algebra stay fp64.
     """
 

@@ -3,7 +3,7 @@
 For every saved checkpoint of a run (``runs/<id>/checkpoints/step-N``) and the run's starting model (the
 aligned reference, ``model.spec`` in the run's ``config.yaml``), on two fixed probe sets reported
 separately — ``harmful`` (HarmBench test prompts, never trained on) and ``benign`` (the run's task domain,
-test split) — this measures (spec: shared/design/algorithms.md §8.3):
+test split) — this measures (docs/diagnosis.md; CKA: Kornblith et al. 2019, Nguyen et al. 2021):
 
 * per decoder block l (0-based), ``CKA_l = CKA(H_l^ref, H_l^ckpt)`` for three sample definitions:
   ``last`` (the last prompt token: the state that drives the first response token), ``mean`` (mean over the

@@ -1,5 +1,6 @@
 """Model-backed judges: an HF moderation classifier, Llama-Guard-style guards and the HarmBench classifier
-(algorithms.md §9.2–9.3); the StrongREJECT rubric judge builds on the same base in ``strongreject.py``.
+(Mazeika et al. 2024; Ji et al. 2023; docs/judges.md); the StrongREJECT rubric judge builds on the same base in
+``strongreject.py``.
 
 Each is a dataclass whose fields are the options of its judge spec (``NAME:key=value,...``). Options and
 files are checked when the judge is built (``judges.get``); the model loads on the first call. Prompt
@@ -162,11 +163,11 @@ class HFClassifier(ModelJudge):
     """Any HF sequence-classification moderation model (model=, harmful_labels=, threshold=); harm judge.
 
     Score = P(harmful): the sum of the harmful labels' softmax probabilities (single-label models) or the
-    max of their sigmoids (multi-label models such as BeaverDam-7B, §9.3). harmful = score > threshold.
+    max of their sigmoids (multi-label models such as BeaverDam-7B, Ji et al. 2023). harmful = score > threshold.
     Options: threshold (0.5), harmful_labels ('|'-separated label names or indices, or 'all'; required
     unless exactly one label is called harmful/unsafe/toxic/flagged), activation (auto: sigmoid for multi-label configs,
     else softmax), input (pair: prompt and completion as a text pair | concat | completion | beavertails,
-    the §9.3 "BEGINNING OF CONVERSATION" format), input_file (a format file with {prompt} and {completion},
+    BeaverTails' "BEGINNING OF CONVERSATION" format), input_file (a format file with {prompt} and {completion},
     overrides input), max_length (512; right truncation).
     """
 
@@ -343,7 +344,7 @@ def parse_yes_no(text: str) -> bool | None:
 @JUDGES.register("harmbench_cls")
 @dataclass
 class HarmBenchClassifier(ModelJudge):
-    """The HarmBench classifier (§9.2) with its prompt template read from template=<file>; harm judge.
+    """The HarmBench classifier (Mazeika et al. 2024) with its prompt template read from template=<file>; harm judge.
 
     template: a text file holding the classifier prompt with {behavior} and {generation} placeholders
     (Python format syntax, as in HarmBench's eval_utils.py; copy it from there — safeft ships no copy).
