@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     from safeft.models import ModelError
 
     try:
+        from safeft.plugins import load_plugins
+
+        load_plugins()  # $SAFEFT_PLUGINS: the user's own defenses, judges, sources, domains (docs/extending.md)
         return args.fn(args)
     except (C.ConfigError, DataError, ModelError, KeyError, GenerationError, SandboxError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
