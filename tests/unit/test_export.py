@@ -249,3 +249,16 @@ def test_bad_specs_fail_clearly(tmp_path):
         models.load(str(run))
     with pytest.raises(E.ExportError, match="not a safeft run directory"):
         E.export(tmp_path, tmp_path / "o", "adapter")
+
+
+def test_step_and_dtype_options(runs, tmp_path):
+    from safetensors import safe_open
+
+    with pytest.raises(E.ExportError, match=r"no complete checkpoint at step 1 \(have: 3\)"):
+        E.export(runs["lora"], tmp_path / "a", "merged", step=1)
+    with pytest.raises(E.ExportError, match="dtype applies to --merged"):
+        E.export(runs["lora"], tmp_path / "a", "adapter", dtype="bfloat16")
+    res = E.export(runs["lora"], tmp_path / "bf16", "merged", step=3, dtype="bfloat16")
+    with safe_open(str(res.out / "model.safetensors"), "pt") as f:
+        names = f.keys()  # a safe_open handle is not iterable itself
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}

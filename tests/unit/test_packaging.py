@@ -122,3 +122,10 @@ def test_registry_hidden_and_first_paragraph():
     reg.register("b", "Test double.", hidden=True)(object())
     assert reg.describe(include_hidden=False) == {"a": "First line continues here."}
     assert set(reg.describe()) == {"a", "b"} and reg.get("b") is not None
+
+
+@pytest.mark.parametrize("verb", ["export", "config", "data"])
+def test_new_verbs_have_help(verb, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0 and "usage: safeft" in capsys.readouterr().out
