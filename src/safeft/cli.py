@@ -193,6 +193,7 @@ def cmd_export(args) -> int:
 def cmd_config(args) -> int:
     from safeft.config_view import commented_yaml
 
+    print(f"# the resolved config (safeft {__version__}); a config file itself: safeft train --config <this file>")
     print(commented_yaml(_load_cfg(args)), end="")
     return 0
 

@@ -41,7 +41,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # hub id, local directory, path to a .gguf file, or the alias "smollm2-135m" (the embedded model)
+    # hub id, local directory, path to a .gguf file, the alias "smollm2-135m" (the embedded model), a PEFT
+    # adapter directory or a run directory (runs/<id>; adapters are merged on load: safeft.models.load)
     spec: str = "smollm2-135m"
     lora: LoraConfig = field(default_factory=LoraConfig)
     # system prompt for the chat template; None = the template's own default

@@ -46,7 +46,8 @@ def _comments_in(src: str, names: set[str]) -> dict[str, str]:
             if tok.type == tokenize.COMMENT:
                 comments[tok.start[0]] = tok.string.lstrip("#").strip()
             elif tok.type == tokenize.STRING:
-                in_string.update(range(tok.start[0], tok.end[0] + 1))
+                # rows after the first: a field line may hold a one-line string default itself
+                in_string.update(range(tok.start[0] + 1, tok.end[0] + 1))
     except (tokenize.TokenError, IndentationError):
         return {}
     lines = src.splitlines()

@@ -35,6 +35,7 @@ def test_config_prints_every_key_commented_and_reads_back(tmp_path, capsys):
     want = C.load(None, args, defense="sbr")
     assert C.load(f) == want  # the printout is a config file for the same run
     assert "  # optimizer steps\n  steps: 9\n" in text  # the field's comment from config.py
+    assert '  # hub id, local directory, path to a .gguf file, the alias "smollm2-135m"' in text  # lines above
     assert "# λ, weight of the anchor MSE; 0 = plain SFT\n  lam: 50.0" in text  # a defense's own comment
     # data is unset by default: its keys are still shown, commented out
     assert "# data: unset" in text and "#   task: (required)" in text and "\ndata: null\n" in text
