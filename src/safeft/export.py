@@ -338,6 +338,9 @@ def export(
         raise ExportError("dtype applies to --merged exports; an adapter is saved as trained (float32)")
     if not models.is_run_dir(run_dir):
         raise ExportError(f"{run_dir} is not a safeft run directory (needs config.yaml and checkpoints/)")
+    if run_dir.resolve() == out.resolve() or out.resolve() in run_dir.resolve().parents:
+        # replacing OUT (--force) would delete the run being exported
+        raise ExportError(f"{out} is the run directory or holds it; export to another directory")
     cfg = C.load(run_dir / "config.yaml")
     if kind == "adapter" and not cfg.model.lora.enabled:
         raise ExportError(

@@ -113,6 +113,13 @@ def test_existing_output_is_kept_unless_forced_and_a_failed_write_leaves_it(runs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_the_run_itself_is_never_an_output(runs):
+    for out in (runs["lora"], runs["lora"].parent):
+        with pytest.raises(E.ExportError, match="is the run directory or holds it"):
+            E.export(runs["lora"], out, "merged", force=True)
+    assert models.is_run_dir(runs["lora"])
+
+
 def test_an_empty_output_directory_is_fine(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     assert E.export(runs["lora"], tmp_path / "empty", "adapter").out == tmp_path / "empty"
