@@ -21,12 +21,11 @@ import random
 from pathlib import Path
 
 from safeft import config as C
-from safeft import models
+from safeft import io, models
 from safeft.data import refusals
 from safeft.data.splits import assert_no_leakage, safety_splits
 from safeft.data.types import Example
 from safeft.eval.generate import GenSettings, generate
-from safeft.eval.suites import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, forc
         return model_dir
     base, tok = models.load(cfg.model.spec)
     rows = alignment_examples(cfg, base, tok, progress)
-    write_jsonl(out / "alignment_data.jsonl", [dataclasses.asdict(r) for r in rows])
+    io.write_jsonl(out / "alignment_data.jsonl", [dataclasses.asdict(r) for r in rows])
     run_cfg = dataclasses.replace(
         cfg, train=cfg.align.train, data=C.DataConfig(task="safeft:alignment", max_length=256), run_id=None
     )

@@ -80,7 +80,7 @@ def cmd_eval(args) -> int:
         raise C.ConfigError("--judge goes with --rescore; to pick the judge used while generating, set eval.judge=NAME")
     from safeft import models
     from safeft.eval.suites import evaluate
-    from safeft.train import load_run_model
+    from safeft.runs import load_run_model
 
     cfg = _load_cfg(args)
     target = Path(args.target)

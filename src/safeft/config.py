@@ -138,10 +138,11 @@ class RunConfig:
 
 
 def _defense_config_class(name: str) -> type[DefenseConfig]:
-    # Imported lazily: methods import config, not the other way round.
-    from safeft.methods import config_class
+    # The registry (a ground-floor module) imports the defenses on first lookup: methods import config,
+    # config never imports a method.
+    from safeft.methods.registry import METHODS
 
-    return config_class(name)
+    return METHODS.get(name).Config
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -304,4 +305,6 @@ def load(
 
 
 def save(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from safeft import io  # the one atomic writer (io imports nothing of ours)
+
+    io.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

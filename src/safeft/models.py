@@ -18,14 +18,13 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from safeft import io
 from safeft.config import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -84,16 +83,10 @@ def convert_gguf(gguf: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temp dir and rename, so an interrupted conversion never leaves a half checkpoint.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    # Written to a temp dir and renamed, so an interrupted conversion never leaves a half checkpoint.
+    with io.atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -244,15 +237,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def save_model(model: nn.Module, tokenizer, out: Path) -> None:
     """Save a plain (merged) checkpoint atomically."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
-    try:
+    with io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,7 @@ from torch import nn
 
 from safeft import precision as P
 from safeft.data.chat import Rendered, collate, prompt_ids
+from safeft.hooks import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,15 @@ def generate_full(
     return _generate_hf(model, tok, prompts, settings, progress, desc)
 
 
-@torch.no_grad()
 def _generate_hf(model: nn.Module, tok, prompts, settings: GenSettings, progress: bool, desc: str):
+    with eval_mode(model):  # before any copy is made: the bf16 copy inherits eval mode
+        return _generate_hf_eval(model, tok, prompts, settings, progress, desc)
+
+
+@torch.no_grad()
+def _generate_hf_eval(model: nn.Module, tok, prompts, settings: GenSettings, progress: bool, desc: str):
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     precision = P.pick(settings.precision)
     # CPU: a bf16 copy (see _bf16_copy). CUDA: autocast, where re-casting is cheap and a copy is not.
@@ -150,7 +154,6 @@ def _generate_hf(model: nn.Module, tok, prompts, settings: GenSettings, progress
             bar.set_postfix(new_tokens=produced)
     finally:
         bar.close()
-        model.train(was_training)
     return [g for g in out if g is not None]
 
 

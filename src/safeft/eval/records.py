@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from safeft import io
 from safeft.data.types import DataError
 from safeft.eval import judges
 
@@ -69,36 +68,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path} line {lineno}: 'verdicts' must be an object keyed by judge name")
         out.append(rec)
     return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file in the same directory + rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        # mkstemp makes the file private (0600); keep the mode the file had, or what the umask gives
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def add_verdicts(records: list[dict[str, Any]], verdicts: list[judges.Verdict]) -> None:
@@ -236,7 +205,7 @@ def rescore(target: Path, specs: list[str], suites: list[str] | None = None) -> 
                 if k in entry["judges"][head] and k in entry:
                     entry[k] = entry["judges"][head][k]
     for path, recs in loaded.items():
-        write_records(path, recs)
-    write_json(summary_path, summary)
+        io.write_jsonl(path, recs)
+    io.write_json(summary_path, summary)
     log.info("rescored %s with %s", ", ".join(p.name for p in files), ", ".join(specs))
     return {"files": report, "summary": {k: summary[k] for k in suites_done}}

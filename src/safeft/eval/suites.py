@@ -18,12 +18,9 @@ prompt count and max_new_tokens, because safety numbers mean little without them
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import random
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,11 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from safeft import io
 from safeft.config import ConfigError, EvalConfig
 from safeft.data.chat import collate, render
 from safeft.data.types import Example
 from safeft.eval import judges, records
 from safeft.eval.generate import GenSettings, generate_full
+from safeft.hooks import eval_mode
 from safeft.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -47,16 +46,6 @@ def subset(items: Sequence[Example], n: int | None, seed: int) -> list[Example]:
     if n is None or n >= len(items):
         return list(items)
     return sorted(random.Random(seed).sample(items, n), key=lambda e: e.id)
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write records atomically: a crash never leaves a half-written results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def _records(
@@ -95,7 +84,7 @@ def _judge(items, comps, settings: GenSettings, judge: str, suite: str, out: Pat
     if judges.name_of(judge) != records.INCOHERENT:
         records.add_verdicts(recs, judges.get(records.INCOHERENT)(prompts, comps))
     if out is not None:
-        write_jsonl(out / f"{_file_stem(suite)}.jsonl", recs)
+        io.write_jsonl(out / f"{_file_stem(suite)}.jsonl", recs)
     info = {"judge": judges.name_of(judge), "judge_specs": {judges.name_of(judge): judge}}
     return records.all_metrics(recs), info
 
@@ -130,10 +119,8 @@ def answer_nll(model: nn.Module, tok, items: list[Example], system: str | None, 
     """Mean per-token NLL of the reference answers (teacher-forced): a smooth utility signal that moves
     even when a small model's exact-answer accuracy is near zero."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for i in range(0, len(items), batch_size):
             rows = [render(tok, e, system) for e in items[i : i + batch_size]]
             b = {k: v.to(device) for k, v in collate(rows, tok.pad_token_id).items()}
@@ -144,8 +131,6 @@ def answer_nll(model: nn.Module, tok, items: list[Example], system: str | None, 
             tok_nll = -lp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
             total += float(tok_nll[mask].sum())
             count += int(mask.sum())
-    finally:
-        model.train(was_training)
     return total / max(count, 1)
 
 
@@ -176,7 +161,7 @@ def utility(
             }
             for e, c, (ok, why), g in zip(items, comps, checked, gens, strict=True)
         ]
-        write_jsonl(out / f"utility_{domain}.jsonl", recs)
+        io.write_jsonl(out / f"utility_{domain}.jsonl", recs)
     nll = answer_nll(model, tok, items, settings.system_prompt)  # fp32: a small, exact number
     return {
         "accuracy": sum(ok for ok, _ in checked) / len(checked),
@@ -210,7 +195,7 @@ def humaneval(
             }
             for e, p, g, r in zip(items, prompts, gens, results, strict=True)
         ]
-        write_jsonl(out / "humaneval.jsonl", recs)
+        io.write_jsonl(out / "humaneval.jsonl", recs)
     passed = sum(r.passed for r in results)
     return {
         "pass@1": passed / len(items),
@@ -321,7 +306,7 @@ def evaluate(
             summary[name] = humaneval(model, tok, items, he, eval_dir, limit)
     if eval_dir is not None:
         eval_dir.mkdir(parents=True, exist_ok=True)
-        (eval_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        io.write_json(eval_dir / "summary.json", summary)
     return summary
 
 

@@ -28,7 +28,7 @@ from safeft.config import DefenseConfig
 from safeft.data.types import Example
 
 if TYPE_CHECKING:
-    from safeft.train import RunContext
+    from safeft.context import RunContext
 
 Batch = dict[str, torch.Tensor]
 

@@ -122,7 +122,7 @@ class Booster(Defense):
             return super().step(ctx, batch)
         if self._stream is None:
             raise RuntimeError("Booster.step called before setup")
-        params = list(trainable_parameters(ctx.accelerator.unwrap_model(ctx.model)).values())
+        params = list(trainable_parameters(ctx.unwrapped).values())
         harm = ctx.batch(self._stream.next())
         h = ctx.forward(harm).loss
         g = _grads(ctx, h, params)

@@ -34,16 +34,6 @@ class EWCConfig(DefenseConfig):
     normalize: bool = True  # divide F by its mean over all trainable entries, so λ is scale-free
 
 
-def _loss(model, batch: Batch) -> torch.Tensor:
-    """The HF causal-LM loss of ``batch`` (mean token CE over response tokens) in fp32, no autocast.
-
-    Squared bf16 gradients underflow (spec §4.5-2), so the Fisher pass never runs under autocast.
-    """
-    inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    with torch.autocast(device_type=batch["input_ids"].device.type, enabled=False):
-        return model(**inputs).loss.float()
-
-
 def fisher_diagonal(
     ctx, rows: list[Rendered], params: dict[str, torch.nn.Parameter], reduction: str, batch_size: int = 5
 ) -> dict[str, torch.Tensor]:
@@ -67,8 +57,8 @@ def fisher_diagonal(
 
     for chunk in tqdm(chunks, desc="ewc fisher", disable=len(chunks) < 20, leave=False):
         batch = ctx.batch(chunk)
-        ctx.passes["forward"] += 1
-        loss = _loss(ctx.model, batch)
+        # fp32, no autocast: squared bf16 gradients underflow (spec §4.5-2)
+        loss = ctx.forward(batch, autocast=False).loss.float()
         # allow_unused: a parameter the loss does not reach has zero Fisher (not an error).
         grads = ctx.grad(loss, tensors, allow_unused=True)
         for n, g in zip(names, grads, strict=True):
@@ -145,7 +135,7 @@ class EWC(Defense):
     def setup(self, ctx) -> None:
         if self.cfg.lam == 0:
             return  # no Fisher, no θ*: λ = 0 is SFT at SFT's cost
-        params = trainable_parameters(ctx.accelerator.unwrap_model(ctx.model))
+        params = trainable_parameters(ctx.unwrapped)
         if self.fisher is not None:  # resumed: θ* and F come from the checkpoint, not the current weights
             self._check(params)
             self._to(ctx.device)
@@ -179,7 +169,7 @@ class EWC(Defense):
             return {}
         if self.fisher is None or self.anchor is None:
             raise RuntimeError("EWC.penalty called before setup")
-        params = trainable_parameters(ctx.accelerator.unwrap_model(ctx.model))
+        params = trainable_parameters(ctx.unwrapped)
         total = torch.zeros((), device=ctx.device, dtype=torch.float32)
         for n, p in params.items():
             total = total + (self.fisher[n] * (p.float() - self.anchor[n]) ** 2).sum()

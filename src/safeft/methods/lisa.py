@@ -111,7 +111,7 @@ class Lisa(Defense):
             self.snapshot = {k: v.to(ctx.device) for k, v in self.snapshot.items()}
 
     def _take(self, ctx) -> dict[str, torch.Tensor]:
-        params = trainable_parameters(ctx.accelerator.unwrap_model(ctx.model))
+        params = trainable_parameters(ctx.unwrapped)
         return {n: p.detach().float().clone() for n, p in params.items()}
 
     def step(self, ctx, batch: Batch) -> StepOutput:
@@ -131,7 +131,7 @@ class Lisa(Defense):
         terms = {"align" if aligning else "task": ce}
         # Off while the completed micro-steps are at most prox_warmup of the total (reference: steps > 0.1·total).
         if self.cfg.rho > 0 and self.steps > self.cfg.prox_warmup * self._total:
-            params = trainable_parameters(ctx.accelerator.unwrap_model(ctx.model))
+            params = trainable_parameters(ctx.unwrapped)
             sq = sum(((p.float() - self.snapshot[n]) ** 2).sum() for n, p in params.items())
             terms["prox"] = 0.5 * self.cfg.rho * sq
         out = backward_terms(ctx, terms, {"lisa_state": float(aligning)})

@@ -2,4 +2,4 @@
 
 from safeft.registry import Registry
 
-METHODS: Registry = Registry("defense")
+METHODS: Registry = Registry("defense", plugins=("safeft.methods",))

@@ -7,9 +7,7 @@ the copy the git-disl papers run: git-disl/Booster ``RepNoiseTrainer``). Spec: s
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +16,7 @@ from torch import nn
 
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE
+from safeft.hooks import capture_modules
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.booster import harmful_rows
 from safeft.methods.registry import METHODS
@@ -119,25 +118,6 @@ def lens_indices(n_layers: int, every: int) -> list[int]:
     return list(range(n_layers - every, -1, -every))[::-1]
 
 
-@contextlib.contextmanager
-def captured(modules: list[nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
-    """Outputs of ``modules`` in the block's forward, keyed by index; hooks removed however the block exits."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def keep(i: int):
-        def hook(_mod, _inp, out):
-            seen[i] = out[0] if isinstance(out, tuple) else out
-
-        return hook
-
-    handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
 # ----------------------------------------------------------------------------- the defense
 
 
@@ -212,7 +192,7 @@ class RepNoise(Defense):
     def setup(self, ctx) -> None:
         if not self.active:
             return  # α = β = 0: exactly SFT, at SFT's cost
-        model = ctx.accelerator.unwrap_model(ctx.model)
+        model = ctx.unwrapped
         self.sites = noise_sites(model, self.cfg.noise_site)
         self.lens = lens_indices(len(self.sites), self.cfg.lens_every)
         if self.cfg.alpha > 0 and self.lens:
@@ -243,7 +223,7 @@ class RepNoise(Defense):
         cfg = self.cfg
         want_states = cfg.alpha > 0 and bool(self.lens)
         sites = self.sites if cfg.beta > 0 else []
-        with captured(sites) as acts:
+        with capture_modules(sites) as acts:
             out = ctx.forward(harm, output_hidden_states=want_states)
         zero = torch.zeros((), device=ctx.device)
         noise = zero
@@ -261,7 +241,7 @@ class RepNoise(Defense):
         if cfg.alpha > 0:
             ces = [out.loss.float()]
             if want_states:
-                model = ctx.accelerator.unwrap_model(ctx.model)
+                model = ctx.unwrapped
                 head = model.get_output_embeddings()
                 sel = harm["labels"][:, 1:] != IGNORE  # positions whose next token is a response token
                 target = harm["labels"][:, 1:][sel]

@@ -6,7 +6,6 @@ Large Language Models", NeurIPS 2024, https://arxiv.org/abs/2405.16833 (code IBM
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safeft import models
+from safeft import io, models
 from safeft.config import ConfigError, DefenseConfig
 from safeft.methods.base import Defense
 from safeft.methods.registry import METHODS
@@ -167,11 +166,11 @@ class SafeLoRA(Defense):
 
     def setup(self, ctx) -> None:
         # Check the pairing now, so a wrong base model fails before training rather than after it.
-        self._pairs(ctx.accelerator.unwrap_model(ctx.model))
+        self._pairs(ctx.unwrapped)
 
     @torch.no_grad()
     def after_train(self, ctx) -> None:
-        model = ctx.accelerator.unwrap_model(ctx.model)
+        model = ctx.unwrapped
         rows = []
         for name, mod, adapter, w_base in self._pairs(model):
             a, b = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
@@ -218,5 +217,5 @@ class SafeLoRA(Defense):
             "pdst": sum(pdst) / len(pdst) if pdst else float("nan"),
             "per_module": rows,
         }
-        (ctx.run_dir / "safelora.json").write_text(json.dumps(summary, indent=2))
+        io.write_json(ctx.run_dir / "safelora.json", summary)
         log.info("safelora: projected %d of %d LoRA modules (Pdst %.3f)", len(chosen), len(rows), summary["pdst"])

@@ -19,6 +19,7 @@ from torch import nn
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE, Rendered
 from safeft.data.types import Example
+from safeft.hooks import first, hooked, with_first
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
 from safeft.models import ModelError, decoder_layers, trainable_parameters
@@ -227,11 +228,10 @@ class SAP(Defense):
         self.probe: dict[int, torch.Tensor] = {}  # decoder index -> v_j, fp32 leaf tensors (not model params)
         self.opt: torch.optim.Optimizer | None = None
         self.diagnostics: dict[str, float] = {}  # last step's contrastive loss, ‖V‖, ‖ΔW‖ (not optimised)
-        self._hooks: list[Any] = []
+        self._hooks = contextlib.ExitStack()  # the probe's forward hooks, closed by remove_hooks
         self._harm: list[Rendered] = []
         self._stream = None
         self._pending: dict[str, Any] | None = None
-        self._micro = 0  # micro-batch index within the current optimizer step
         self._delta: list[torch.Tensor] | None = None
         self._nominal = True
         self._warned = False
@@ -240,7 +240,7 @@ class SAP(Defense):
     # -- setup / teardown
 
     def setup(self, ctx) -> None:
-        model = ctx.accelerator.unwrap_model(ctx.model)
+        model = ctx.unwrapped
         blocks = decoder_layers(model)
         self.layers = list(self.cfg.layers) if self.cfg.layers is not None else default_layers(len(blocks))
         bad = [j for j in self.layers if not 0 <= j < len(blocks)]
@@ -251,6 +251,7 @@ class SAP(Defense):
         d = _hidden_size(model)
         self.probe = {j: torch.zeros(d, device=ctx.device, requires_grad=True) for j in self.layers}
         self.opt = torch.optim.AdamW(list(self.probe.values()), lr=self.cfg.probe_lr)
+        mlps = {}
         for j in self.layers:
             mlp = getattr(blocks[j], "mlp", None)
             if not isinstance(mlp, nn.Module):
@@ -258,7 +259,8 @@ class SAP(Defense):
                     f"decoder block {j} ({type(blocks[j]).__name__}) has no .mlp module; "
                     "SAP adds its probe to the MLP output and cannot attach to this architecture"
                 )
-            self._hooks.append(mlp.register_forward_hook(_adder(self.probe[j])))
+            mlps[j] = mlp
+        self._hooks.enter_context(hooked(mlps, lambda j: _adder(self.probe[j])))
         self._build_contrastive(ctx)
         if self._pending is not None:
             self._apply_state(self._pending)
@@ -277,9 +279,7 @@ class SAP(Defense):
         self._stream = ctx.stream("sap_contrastive", rows, self.cfg.contrastive_batch)
 
     def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._hooks.close()
         with torch.no_grad():
             for v in self.probe.values():
                 v.zero_()
@@ -297,9 +297,9 @@ class SAP(Defense):
         if self.opt is None:
             raise RuntimeError("SAP.step called before setup")
         k = ctx.cfg.train.grad_accum
-        params = list(trainable_parameters(ctx.accelerator.unwrap_model(ctx.model)).values())
+        params = list(trainable_parameters(ctx.unwrapped).values())
         probe = list(self.probe.values())
-        if self._micro == 0:
+        if ctx.micro == 0:
             self._delta, self._nominal = self._harmful_shift(ctx, params)
         # V's gradient at W + ΔW (for V only: ctx.grad keeps it away from the optimizer).
         with shifted(params, self._delta, check=self._nominal):
@@ -309,8 +309,7 @@ class SAP(Defense):
         # The clean pass with V_t: W's gradient for the loop's optimizer; V.grad receives ∂CE/∂V / k.
         task = ctx.forward(batch).loss
         ctx.backward(task)
-        self._micro += 1
-        if self._micro == k:
+        if ctx.last_micro:  # V moves once per optimizer step, from g_V averaged over its micro-batches
             self._update_probe()
         return StepOutput(task.detach(), {"task": task.detach()}, diagnostics=dict(self.diagnostics))
 
@@ -355,12 +354,12 @@ class SAP(Defense):
         self.opt.zero_grad(set_to_none=True)
         self.diagnostics["probe_norm"] = float(_norm(probe))
         log.debug("sap step: %s", self.diagnostics)
-        self._micro, self._delta, self._gv_shifted = 0, None, None
+        self._delta, self._gv_shifted = None, None
 
     # -- resume
 
     def state_dict(self) -> dict[str, Any]:
-        if self._micro != 0:
+        if self._delta is not None:
             raise RuntimeError("SAP state requested in the middle of an optimizer step")
         return {
             "layers": list(self.layers),
@@ -386,9 +385,8 @@ class SAP(Defense):
 
 def _adder(v: torch.Tensor):
     def hook(_module: nn.Module, _args: Any, out: Any) -> Any:
-        if isinstance(out, tuple):  # MoE blocks return (hidden, router logits)
-            return (out[0] + v.to(out[0].dtype), *out[1:])
-        return out + v.to(out.dtype)
+        h = first(out)  # MoE blocks return (hidden, router logits)
+        return with_first(out, h + v.to(h.dtype))
 
     return hook
 

@@ -7,15 +7,14 @@ Spec: shared/design/algorithms.md §1.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from safeft.config import ConfigError, DefenseConfig
+from safeft.hooks import hooked, with_first
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
 from safeft.models import ModelError, decoder_layers
@@ -67,21 +66,6 @@ def perturbation_sites(model: nn.Module, site: str) -> list[nn.Module]:
 def _first(out):
     """The hidden-state tensor of a module output (a tensor, or a tuple whose first item it is)."""
     return out[0] if isinstance(out, tuple) else out
-
-
-def _with_first(out, value: torch.Tensor):
-    return (value, *out[1:]) if isinstance(out, tuple) else value
-
-
-@contextlib.contextmanager
-def hooked(modules: list[nn.Module], make_hook) -> Iterator[None]:
-    """Forward hooks ``make_hook(i)`` on ``modules[i]`` for the block; removed however the block exits."""
-    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def global_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
@@ -146,7 +130,7 @@ class Vaccine(Defense):
 
     def setup(self, ctx) -> None:
         # Resolved once, before step 0: an architecture we cannot hook fails before any training.
-        self.sites = perturbation_sites(ctx.accelerator.unwrap_model(ctx.model), self.cfg.perturb_site)
+        self.sites = perturbation_sites(ctx.unwrapped, self.cfg.perturb_site)
         log.info("vaccine: %d %s sites, rho=%g", len(self.sites), self.cfg.perturb_site, self.cfg.rho)
 
     def perturbation(self, ctx, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -182,7 +166,7 @@ class Vaccine(Defense):
         def add(i: int):
             def hook(_mod, _inp, out):
                 h = _first(out)
-                return _with_first(out, h + eps[i].to(h.dtype))
+                return with_first(out, h + eps[i].to(h.dtype))
 
             return hook
 
