@@ -54,6 +54,10 @@ class DataConfig:
     n_train: int | None = None  # None = every row of the source
     max_length: int = 256  # prompt + response tokens; longer rows are truncated from the response end
     seed: int = 0
+    # harmful fine-tuning (docs/threat_models.md): this fraction of the task rows is replaced by harmful
+    # (prompt, answer) pairs from poison_source, the row count unchanged; 0 = benign, 1 = pure harmful FT
+    poison: float = 0.0
+    poison_source: str = "harmful:smollm2-135m"  # pairs the base model wrote offline; or jsonl:/csv:/hf:
 
 
 @dataclass

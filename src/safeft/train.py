@@ -42,6 +42,7 @@ from safeft.runs import (
     set_rng_state,
     truncate_log,
 )
+from safeft.threats.poison import check_fraction, poison
 
 # Re-exported for callers that knew them here; their home is context / runs.
 __all__ = [
@@ -139,6 +140,10 @@ def _load_task_examples(cfg: C.RunConfig) -> list[Example]:
     missing = [ex.id for ex in rows if ex.response is None]
     if missing:
         raise C.ConfigError(f"{cfg.data.task}: {len(missing)} rows have no response (first: {missing[0]})")
+    check_fraction(cfg.data.poison)
+    if cfg.data.poison > 0:
+        harmful = load_source(cfg.data.poison_source)
+        rows = poison(rows, harmful, cfg.data.poison, cfg.data.seed, where=cfg.data.poison_source)
     return rows
 
 
@@ -322,6 +327,7 @@ def train(
         "final_loss": last_loss,
         "precision": precision,
         "defense": cfg.defense.name,
+        "poison": cfg.data.poison if cfg.data else 0.0,
         "setup_passes": setup_cost,
         "reference_extra_bytes": models.reference_extra_bytes(unwrapped),
         "trainable_params": sum(p.numel() for p in params),

@@ -36,7 +36,8 @@ from safeft.registry import Registry
 
 __all__ = ["SOURCES", "MissingDependencyError", "load_source", "package_data_dir"]
 
-SOURCES: Registry[Callable[..., list[Example]]] = Registry("data source")
+# harmful: (pairs written by a base model) registers from safeft.threats.harmful
+SOURCES: Registry[Callable[..., list[Example]]] = Registry("data source", plugins=("safeft.threats.harmful",))
 
 # Accepted column names, in priority order. The aliases cover the common instruction-tuning layouts
 # (Alpaca: instruction/output, QA sets: question/answer, completion-style: prompt/completion).
