@@ -191,6 +191,21 @@ def test_zephyr_ends_turns_with_the_eos_token(tiny):
     assert tok.decode(r.input_ids).startswith("<|user|>\nHi<|im_end|>\n<|assistant|>\n")
 
 
+def test_llama3_template_on_a_tokenizer_with_its_tokens(tiny):
+    from safeft.eval.generate import _stop_ids
+
+    _, tok = tiny
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    use_chat_template(tok, "llama3")
+    r = render(tok, Example("a", "Hi", "Hello."), system="Sys.")
+    assert tok.decode(r.input_ids[: r.prompt_len]) == (
+        "<|start_header_id|>system<|end_header_id|>\n\nSys.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert labelled_spans(tok, r) == ["Hello.<|eot_id|>"]
+    assert tok.convert_tokens_to_ids("<|eot_id|>") in _stop_ids(tok)  # generation stops where training ends
+
+
 def test_a_template_whose_end_of_turn_is_not_one_token_is_refused(tiny):
     _, tok = tiny
     before = tok.chat_template

@@ -235,7 +235,7 @@ def render_task(
 
 
 def load_chat_template(spec: str) -> ChatTemplate:
-    """The named template ``spec`` (``safeft ls``: chatml, llama3, zephyr) or the Jinja file at path ``spec``."""
+    """The named template ``spec`` (chatml, llama3, zephyr) or the Jinja file at path ``spec``."""
     if spec.lower() in CHAT_TEMPLATES:
         return CHAT_TEMPLATES.get(spec)
     path = Path(spec).expanduser()

@@ -23,11 +23,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from safeft.eval.judges import JudgeError
-
 log = logging.getLogger(__name__)
 
 EXTRA = "pip install 'safeft[judges]'"
+
+
+def _error(msg: str) -> Exception:
+    # judges.py imports the judge classes, which import this module: import its error class on use.
+    from safeft.eval.judges import JudgeError
+
+    return JudgeError(msg)
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,11 @@ class ChatEndpoint:
         try:
             import openai
         except ImportError as e:
-            raise JudgeError(
+            raise _error(
                 f"judge {self.judge!r}: endpoint= needs the 'openai' client library; install it with: {EXTRA}"
             ) from e
         if self.concurrency < 1 or self.max_retries < 0:
-            raise JudgeError(f"judge {self.judge!r}: concurrency must be >= 1 and max_retries >= 0")
+            raise _error(f"judge {self.judge!r}: concurrency must be >= 1 and max_retries >= 0")
         # The SDK insists on a key; local servers (vLLM without --api-key) ignore the one we send.
         key = os.environ.get(self.api_key_env, "") or "not-set"
         return openai.OpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=self.max_retries)
@@ -90,7 +95,7 @@ class ChatEndpoint:
                 # A first wave that all failed means the endpoint is down, not one unlucky item: stop
                 # before every remaining item spends its own round of retries.
                 if not ok and failed >= min(self.concurrency, n):
-                    raise JudgeError(
+                    raise _error(
                         f"judge {self.judge!r}: the first {failed} requests to {self.url} all failed "
                         f"(e.g. {answer.error}); provide a running endpoint="
                     )
@@ -108,11 +113,11 @@ class ChatEndpoint:
                 model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens
             )
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-            raise JudgeError(
+            raise _error(
                 f"judge {self.judge!r}: {self.url} answered HTTP {e.status_code} (is ${self.api_key_env} set?)"
             ) from None
         except openai.NotFoundError as e:
-            raise JudgeError(
+            raise _error(
                 f"judge {self.judge!r}: {self.url} answered HTTP 404 ({_brief(e)}); check endpoint= and "
                 f"api_model={self.model}"
             ) from None
