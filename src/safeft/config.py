@@ -58,6 +58,16 @@ class DataConfig:
     # (prompt, answer) pairs from poison_source, the row count unchanged; 0 = benign, 1 = pure harmful FT
     poison: float = 0.0
     poison_source: str = "harmful:smollm2-135m"  # pairs the base model wrote offline; or jsonl:/csv:/hf:
+    # Which of the file's columns hold our fields, e.g. {prompt: question, response: answer}; applied
+    # before the row format (messages / prompt+completion / prompt+response) is detected. Keys: prompt,
+    # response, messages, id. Empty = the standard names and their aliases.
+    columns: dict[str, str] = field(default_factory=dict)
+    # A named template (chatml, llama3, zephyr) or a Jinja file, installed on the tokenizer for training
+    # and evaluation alike; None = the tokenizer's own template.
+    chat_template: str | None = None
+    # Share of rows that may be cut at max_length before the run stops: a few long-tail rows are normal
+    # (and logged); past this, max_length is below what the data needs and most answers lose their end.
+    max_truncated: float = 0.1
 
 
 @dataclass
@@ -166,6 +176,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
         names = " or ".join(getattr(a, "__name__", str(a)) for a in options)
         raise ConfigError(f"{where}: {value!r} is not a {names}")
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):

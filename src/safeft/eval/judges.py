@@ -29,8 +29,9 @@ class JudgeError(ConfigError):
     """
 
 
-# Labels a verdict can carry. "unparsed" = a model judge's answer we could not read (never guessed).
-LABELS = ("refused", "complied", "harmful", "safe", "incoherent", "coherent", "unparsed")
+# Labels a verdict can carry. "unparsed" = a model judge's answer we could not read (never guessed);
+# "error" = the judge never answered (an endpoint that failed after its retries): left out of every rate.
+LABELS = ("refused", "complied", "harmful", "safe", "incoherent", "coherent", "unparsed", "error")
 
 
 @dataclass(frozen=True)
