@@ -141,13 +141,13 @@ def cmd_ls(args) -> int:
 
 def cmd_validate(args) -> int:
     from safeft import methods
-    from safeft.data.sources import load_source
+    from safeft.data.sources import load_task
 
     cfg = _load_cfg(args)
     methods.build(cfg.defense)
     msg = f"config OK: defense={cfg.defense.name}, model={cfg.model.spec}"
     if cfg.data is not None:
-        rows = load_source(cfg.data.task)
+        rows = load_task(cfg.data)  # what train reads: columns mapped, n_train applied, every row answered
         msg += f", data {cfg.data.task}: {len(rows)} rows OK"
     print(msg)
     return 0

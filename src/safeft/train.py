@@ -28,7 +28,7 @@ from safeft import io, methods, models
 from safeft import precision as P
 from safeft.context import RunContext, Stream, make_accelerator
 from safeft.data.aux import SERVICES, build_aux
-from safeft.data.chat import render
+from safeft.data.chat import render, render_task, use_chat_template
 from safeft.data.types import Example
 from safeft.runs import (
     check_same_config,
@@ -128,18 +128,11 @@ class TrainResult:
 
 
 def _load_task_examples(cfg: C.RunConfig) -> list[Example]:
-    from safeft.data.sources import load_source
+    from safeft.data.sources import load_source, load_task
 
     if cfg.data is None:
         raise C.ConfigError("training needs data.task (e.g. data.task=domain:finance)")
-    rows = load_source(cfg.data.task)
-    if cfg.data.n_train is not None:
-        if cfg.data.n_train > len(rows):
-            raise C.ConfigError(f"data.n_train={cfg.data.n_train} but {cfg.data.task} has {len(rows)} rows")
-        rows = rows[: cfg.data.n_train]
-    missing = [ex.id for ex in rows if ex.response is None]
-    if missing:
-        raise C.ConfigError(f"{cfg.data.task}: {len(missing)} rows have no response (first: {missing[0]})")
+    rows = load_task(cfg.data)  # columns mapped, n_train applied, every row answered
     check_fraction(cfg.data.poison)
     if cfg.data.poison > 0:
         harmful = load_source(cfg.data.poison_source)
@@ -201,8 +194,14 @@ def train(
     check_same_config(run_dir, cfg)
     if model is None:
         model, tokenizer = models.load(cfg.model.spec)
-    max_len = cfg.data.max_length if cfg.data else None
-    rows = [render(tokenizer, ex, cfg.model.system_prompt, max_len) for ex in examples]
+    if cfg.data is not None:
+        use_chat_template(tokenizer, cfg.data.chat_template)
+        # rows cut at max_length are counted and logged; past data.max_truncated the run stops here
+        rows, rendered = render_task(
+            tokenizer, examples, cfg.model.system_prompt, cfg.data.max_length, cfg.data.max_truncated
+        )
+    else:
+        rows, rendered = [render(tokenizer, ex, cfg.model.system_prompt) for ex in examples], None
     run_dir.mkdir(parents=True, exist_ok=True)
     C.save(cfg, run_dir / "config.yaml")
     _seed_all(tc.seed)
@@ -328,6 +327,7 @@ def train(
         "precision": precision,
         "defense": cfg.defense.name,
         "poison": cfg.data.poison if cfg.data else 0.0,
+        "data": rendered.record() if rendered is not None else None,
         "setup_passes": setup_cost,
         "reference_extra_bytes": models.reference_extra_bytes(unwrapped),
         "trainable_params": sum(p.numel() for p in params),
