@@ -81,22 +81,29 @@ def cmd_eval(args) -> int:
     if args.judge:
         raise C.ConfigError("--judge goes with --rescore; to pick the judge used while generating, set eval.judge=NAME")
     from safeft import models
+    from safeft.data.domains import run_domain
     from safeft.eval.suites import evaluate
-    from safeft.runs import load_run_model
+    from safeft.runs import checkpoints, load_run_model
 
     cfg = _load_cfg(args)
     target = Path(args.target)
     if (target / "config.yaml").exists() and (target / "checkpoints").exists():
-        model, tok = load_run_model(target)
+        done = checkpoints(target)  # the newest; its step is part of the evaluation's settings hash
+        step = int(done[-1].name.split("-")[1]) if done else None
+        model, tok = load_run_model(target, step)
         run_cfg = C.load(target / "config.yaml")
         out = target
-        domains = [run_cfg.data.task.split(":")[1]] if run_cfg.data and run_cfg.data.task.startswith("domain:") else []
+        domains = [d] if (d := run_domain(run_cfg)) else []
+        model_id = {"checkpoint_step": step}
     else:
         model, tok = models.load(args.target)
         out = Path(cfg.out_dir) / (cfg.run_id or f"eval-{Path(args.target).name}")
         domains = []
+        model_id = {"spec": args.target}
     domains = args.domain or domains
-    summary = evaluate(model, tok, cfg.eval, out, domains, cfg.model.system_prompt, args.suite, args.limit)
+    summary = evaluate(
+        model, tok, cfg.eval, out, domains, cfg.model.system_prompt, args.suite, args.limit, model_id=model_id
+    )
     print(json.dumps(summary, indent=2))
     print(f"records under {out / 'eval'}")
     return 0

@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def _domain(cfg: C.RunConfig) -> str:
-    task = cfg.data.task if cfg.data else ""
-    if not task.startswith("domain:"):
+    from safeft.data.domains import run_domain
+
+    domain = run_domain(cfg)
+    if domain is None:
+        task = cfg.data.task if cfg.data else ""
         raise C.ConfigError(f"the demo fine-tunes on one of our domains (data.task=domain:<name>), not {task!r}")
-    return task.split(":")[1]
+    return domain
 
 
 # What `safeft demo` runs when no --config is given; configs/demo.yaml holds the same (a test keeps them equal).

@@ -97,12 +97,10 @@ class PeriodicASR:
         from safeft.eval.suites import harmful
 
         ev = self.cfg.eval
-        settings = GenSettings(
-            ev.max_new_tokens, ev.batch_size, system_prompt=self.cfg.model.system_prompt, precision=ev.precision
-        )
+        settings = GenSettings.from_eval(ev, system_prompt=self.cfg.model.system_prompt)
         out = self.run_dir / "eval_steps" / f"step-{ctx.step:06d}"
-        # Greedy generation draws no random numbers, but isolate the RNG anyway: a sampled judge or a
-        # future setting must not change the training trajectory.
+        # Sampled decoding (eval.do_sample) seeds torch's global RNG, and a judge may draw from it too:
+        # restore the RNG afterwards so evaluating never changes the training trajectory.
         rng = rng_state()
         try:
             res = harmful(ctx.unwrapped, ctx.tokenizer, self.items(), settings, ev.judge, out)

@@ -68,16 +68,15 @@ class DriftConfig:
 
 def probe_examples(cfg: C.RunConfig, dc: DriftConfig) -> dict[str, list[Example]]:
     """The harmful and benign probe prompts of a run: fixed, seeded, the same for every checkpoint and run."""
+    from safeft.data.domains import load_domain, run_domain
     from safeft.data.splits import safety_splits
     from safeft.eval.suites import subset
 
     seed = cfg.eval.seed
     harmful = subset(safety_splits(seed=seed).test, dc.n_harmful, seed)
     task = cfg.data.task if cfg.data else ""
-    if task.startswith("domain:"):
-        from safeft.data.domains import load_domain
-
-        benign = subset(load_domain(task.split(":")[1], "test"), dc.n_benign, seed)
+    if (domain := run_domain(cfg)) is not None:
+        benign = subset(load_domain(domain, "test"), dc.n_benign, seed)
     elif task:
         from safeft.data.sources import load_source
 
@@ -261,9 +260,7 @@ def _asr_now(rm: RunModels, examples: list[Example], reference: bool) -> dict[st
     from safeft.eval.suites import harmful
 
     ev = rm.cfg.eval
-    settings = GenSettings(
-        ev.max_new_tokens, ev.batch_size, system_prompt=rm.cfg.model.system_prompt, precision=ev.precision
-    )
+    settings = GenSettings.from_eval(ev, system_prompt=rm.cfg.model.system_prompt)
     if not reference:
         return harmful(rm.model, rm.tok, examples, settings, ev.judge, None)
     if rm.ref_model is not None:
