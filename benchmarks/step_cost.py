@@ -12,6 +12,13 @@ passes.
 
     .venv/bin/python benchmarks/step_cost.py --tiny                        # quick check, tiny random model
     .venv/bin/python benchmarks/step_cost.py --methods sft saft repanchor  # SmolLM2-135M (the default)
+    .venv/bin/python benchmarks/step_cost.py --lengths demo long           # the demo's rows and ~512-token rows
+
+Two task lengths: ``demo`` is the demo's finance rows (~105 tokens each); ``long`` joins consecutive finance
+rows into realistic instruction-tuning rows of about 512 tokens (``data.max_length`` 576), where a defense's
+fixed extra work (anchors, PGD on short anchor rows) is a smaller share of the step. The CPU's model name and
+matrix features (AMX, AVX512-BF16, ...) and torch's CPU capability are printed first: bf16 kernels differ
+between CPUs, so ratios are only comparable on one machine.
 
 Timings are only comparable within one run of this script, on an otherwise idle machine. SFT is measured
 before the first method and after every method, and each ratio is to the mean of the two SFT runs around
@@ -60,6 +67,44 @@ from safeft.testing import save_tiny_model  # noqa: E402
 from safeft.train import train  # noqa: E402
 
 
+def cpu_features() -> str:
+    """The CPU's model name, the matrix/vector features that decide bf16 speed, and torch's capability."""
+    import platform
+
+    import torch
+
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("unknown CPU", platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+    have = [f for f in wanted if f in flags] or ["(none of " + ", ".join(wanted) + ")"]
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"{name}; features {' '.join(have)}; torch CPU capability {cap}; {torch.get_num_threads()} threads"
+
+
+def long_rows(examples: list, target_tokens: int = 512, tok=None) -> list:
+    """Realistic instruction-tuning rows: consecutive finance rows joined until ~``target_tokens`` each."""
+    from safeft.data.types import Example
+
+    out, prompts, answers, size = [], [], [], 0
+    for ex in examples:
+        prompts.append(ex.prompt)
+        answers.append(ex.response)
+        size += len(tok(ex.prompt + ex.response)["input_ids"]) if tok else (len(ex.prompt) + len(ex.response)) // 4
+        if size >= target_tokens:
+            q = "Answer each of these questions in turn.\n" + "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
+            a = "\n".join(f"{i + 1}. {r}" for i, r in enumerate(answers))
+            out.append(Example(f"long-{len(out)}", q, a, "finance-long"))
+            prompts, answers, size = [], [], 0
+    return out
+
+
 def _required(method: str, base: str) -> list[str]:
     """Overrides a method cannot run without, read from its Config's fields: a post-hoc method that compares
     the model with its unaligned base (Safe LoRA) gets ``--base-model``."""
@@ -80,6 +125,7 @@ def _measure(
             f"defense.name={method}",
             f"out_dir={root / 'runs'}",
             f"run_id={run_id or method}",  # a fresh directory: an existing one would be resumed
+            f"data.max_length={args.max_length}",
             *_required(method, base),
         ]
     )
@@ -112,20 +158,30 @@ def main(argv: list[str] | None = None) -> None:
         default="smollm2-135m",
         help="the unaligned base of --model, for methods that need one (Safe LoRA); with --tiny, another tiny model",
     )
+    p.add_argument("--lengths", nargs="+", default=["demo"], choices=("demo", "long"), help="task row lengths")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    print(f"CPU: {cpu_features()}")
+    for length in args.lengths:
+        run_length(args, length)
+
+
+def run_length(args: argparse.Namespace, length: str) -> None:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
-        p.error(f"unknown methods {unknown}; registered: {', '.join(METHODS)}")
+        raise SystemExit(f"unknown methods {unknown}; registered: {', '.join(METHODS)}")
     methods = ["sft"] + [m for m in args.methods if m != "sft"]  # SFT first: everything is a ratio to it
 
     examples = load_domain("finance", "train")
+    args.max_length = 256
     with tempfile.TemporaryDirectory(prefix="safeft-step-cost-") as tmp:
         root = Path(tmp)
         spec, base = args.model, args.base_model
         if args.tiny:
             spec = str(save_tiny_model(root / "tiny-model"))
             base = str(save_tiny_model(root / "tiny-base", seed=1))
+        if length == "long":  # sized with the model's own tokenizer
+            examples, args.max_length = long_rows(examples, 512, models.load(spec)[1]), 640
         # SFT brackets every method: sft, m1, sft, m2, ..., sft. On a shared or throttling machine the speed
         # drifts over a long run (+10-20 % over 13 methods here); each method's ratio is to the mean of the
         # SFT runs just before and after it, so slow drift cancels instead of landing on late methods.
@@ -143,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, m in enumerate(others):
         local[m] = (sft_times[i] + sft_times[i + 1]) / 2
     print(
-        f"\nstep cost on {'a tiny random model' if args.tiny else args.model}, batch {args.batch_size}, "
+        f"\n{length} rows: step cost on {'a tiny random model' if args.tiny else args.model}, batch {args.batch_size}, "
         f"mean of {args.steps} steps after {args.warmup} warm-up\n"
     )
     pos = results["sft"]["positions"]

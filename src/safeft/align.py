@@ -21,12 +21,11 @@ import random
 from pathlib import Path
 
 from safeft import config as C
-from safeft import models
+from safeft import io, models
 from safeft.data import refusals
 from safeft.data.splits import assert_no_leakage, safety_splits
 from safeft.data.types import Example
 from safeft.eval.generate import GenSettings, generate
-from safeft.eval.suites import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True)
     """Harmful prompt -> our refusal, benign prompt -> the base model's own answer."""
     ac = cfg.align
     harmful, prompts = select_prompts(cfg)
-    settings = GenSettings(ac.benign_max_new_tokens, 16, system_prompt=cfg.model.system_prompt)
+    settings = _benign_settings(cfg)
     answers = generate(base_model, tok, prompts, settings, progress=progress, desc="base answers")
     benign = [
         Example(f"benign-{i}", p, _trim_to_sentence(a), "alignment:self-answer")
@@ -110,6 +109,14 @@ def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True)
     rows = harmful + benign
     assert_no_leakage(safety_splits(seed=ac.seed).test, alignment=rows)
     return rows
+
+
+def _benign_settings(cfg: C.RunConfig) -> GenSettings:
+    # Alignment's own answer length and batch; sampling, precision and backend as every verb decodes.
+    ac = cfg.align
+    return GenSettings.from_eval(
+        cfg.eval, system_prompt=cfg.model.system_prompt, max_new_tokens=ac.benign_max_new_tokens, batch_size=16
+    )
 
 
 def cache_key(cfg: C.RunConfig) -> str:
@@ -131,6 +138,12 @@ def cache_key(cfg: C.RunConfig) -> str:
     aux = _defense_aux(cfg)
     if aux:  # only then: a defense without aux data keeps the key it always had (cached models stay valid)
         content["aux"] = aux
+    # the benign answers depend on how they were decoded; settings that decode like the greedy default the
+    # key always assumed keep that key (and the cached models made with it)
+    decoding = _benign_settings(cfg).identity()
+    default = GenSettings(cfg.align.benign_max_new_tokens, 16, system_prompt=cfg.model.system_prompt)
+    if decoding != default.identity():
+        content["benign_decoding"] = decoding
     blob = json.dumps(content, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -160,7 +173,7 @@ def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, forc
         return model_dir
     base, tok = models.load(cfg.model.spec)
     rows = alignment_examples(cfg, base, tok, progress)
-    write_jsonl(out / "alignment_data.jsonl", [dataclasses.asdict(r) for r in rows])
+    io.write_jsonl(out / "alignment_data.jsonl", [dataclasses.asdict(r) for r in rows])
     run_cfg = dataclasses.replace(
         cfg, train=cfg.align.train, data=C.DataConfig(task="safeft:alignment", max_length=256), run_id=None
     )

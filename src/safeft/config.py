@@ -55,6 +55,20 @@ class DataConfig:
     n_train: int | None = None  # None = every row of the source
     max_length: int = 256  # prompt + response tokens; longer rows are truncated from the response end
     seed: int = 0
+    # harmful fine-tuning (docs/threat_models.md): this fraction of the task rows is replaced by harmful
+    # (prompt, answer) pairs from poison_source, the row count unchanged; 0 = benign, 1 = pure harmful FT
+    poison: float = 0.0
+    poison_source: str = "harmful:smollm2-135m"  # pairs the base model wrote offline; or jsonl:/csv:/hf:
+    # Which of the file's columns hold our fields, e.g. {prompt: question, response: answer}; applied
+    # before the row format (messages / prompt+completion / prompt+response) is detected. Keys: prompt,
+    # response, messages, id. Empty = the standard names and their aliases.
+    columns: dict[str, str] = field(default_factory=dict)
+    # A named template (chatml, llama3, zephyr) or a Jinja file, installed on the tokenizer for training
+    # and evaluation alike; None = the tokenizer's own template.
+    chat_template: str | None = None
+    # Share of rows that may be cut at max_length before the run stops: a few long-tail rows are normal
+    # (and logged); past this, max_length is below what the data needs and most answers lose their end.
+    max_truncated: float = 0.1
 
 
 @dataclass
@@ -139,10 +153,11 @@ class RunConfig:
 
 
 def _defense_config_class(name: str) -> type[DefenseConfig]:
-    # Imported lazily: methods import config, not the other way round.
-    from safeft.methods import config_class
+    # The registry (a ground-floor module) imports the defenses on first lookup: methods import config,
+    # config never imports a method.
+    from safeft.methods.registry import METHODS
 
-    return config_class(name)
+    return METHODS.get(name).Config
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -162,6 +177,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
         names = " or ".join(getattr(a, "__name__", str(a)) for a in options)
         raise ConfigError(f"{where}: {value!r} is not a {names}")
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -305,4 +325,6 @@ def load(
 
 
 def save(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from safeft import io  # the one atomic writer (io imports nothing of ours)
+
+    io.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -7,14 +7,13 @@ print one table (ASR, over-refusal, utility) and write everything under ``runs/d
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from safeft import config as C
-from safeft import models
+from safeft import io, models
 from safeft.align import align
 from safeft.eval.suites import evaluate, headline
 from safeft.train import train
@@ -23,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def _domain(cfg: C.RunConfig) -> str:
-    task = cfg.data.task if cfg.data else ""
-    if not task.startswith("domain:"):
+    from safeft.data.domains import run_domain
+
+    domain = run_domain(cfg)
+    if domain is None:
+        task = cfg.data.task if cfg.data else ""
         raise C.ConfigError(f"the demo fine-tunes on one of our domains (data.task=domain:<name>), not {task!r}")
-    return task.split(":")[1]
+    return domain
 
 
 # What `safeft demo` runs when no --config is given; configs/demo.yaml holds the same (a test keeps them equal).
@@ -87,9 +89,9 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
         "timings_s": timings,
         "eval": dataclasses.asdict(cfg.eval),
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    io.write_json(out / "summary.json", result)
     table = format_table(rows, domain, cfg.eval)
-    (out / "summary.md").write_text(table + "\n")
+    io.write_text(out / "summary.md", table + "\n")
     print(table)
     print(f"\nwritten under {out}  (total {timings['total'] / 60:.1f} min)")
     return result

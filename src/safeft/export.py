@@ -21,11 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +29,8 @@ import torch
 import yaml
 
 from safeft import config as C
-from safeft import models
+from safeft import io, models, runs
+from safeft.stats import wilson
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +58,6 @@ class ExportResult:
 
 
 # ----------------------------------------------------------------------------- intervals
-
-
-def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval of a binomial share k/n (95 % for the default z).
-
-    Unlike the normal approximation it stays inside [0, 1] and is not zero-width at 0/n or n/n, which is
-    where safety numbers (0 % ASR on 20 prompts) usually sit."""
-    if n <= 0:
-        return math.nan, math.nan
-    p = k / n
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def safety_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -107,6 +89,43 @@ def safety_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- a run as a model spec
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A safeft run directory: its resolved ``config.yaml`` beside a ``checkpoints/`` folder."""
+    path = Path(path).expanduser()
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
+def load_run(run_dir: Path, step: int | None = None) -> tuple[torch.nn.Module, Any]:
+    """The run's model (adapter attached, not merged) at ``step`` (default: newest), and its tokenizer with
+    the chat template the run trained with (``data.chat_template``), so what is exported or evaluated
+    renders prompts as training did."""
+    from safeft.data.chat import use_chat_template
+
+    cfg = C.load(Path(run_dir) / "config.yaml")
+    model, tok = runs.load_run_model(run_dir, step)
+    if cfg.data is not None:
+        use_chat_template(tok, cfg.data.chat_template)
+    return model, tok
+
+
+def _load_run_spec(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    if not runs.checkpoints(path):
+        raise models.ModelError(f"model spec {str(path)!r} is a run directory without a complete checkpoint")
+    model, tok = load_run(path)
+    model = models.merge_and_unload(model).to(dtype)
+    model.eval()
+    return model, tok
+
+
+# models.load(spec) of a run directory: the run's trained model, merged (see models.load)
+models.SPEC_FORMATS.register("run", "a safeft run directory: its base model plus its newest checkpoint, merged")(
+    models.SpecFormat(is_run_dir, _load_run_spec)
+)
+
+
 # ----------------------------------------------------------------------------- the card
 
 
@@ -115,9 +134,7 @@ def _pct(x: float) -> str:
 
 
 def _run_step(run_dir: Path, step: int | None) -> tuple[Path, int]:
-    from safeft.train import checkpoints  # moving to safeft.runs with load_run_model
-
-    done = checkpoints(run_dir)
+    done = runs.checkpoints(run_dir)
     if not done:
         raise ExportError(f"{run_dir}: no complete checkpoint to export (has the run finished a step?)")
     if step is None:
@@ -204,7 +221,7 @@ def model_card(cfg: C.RunConfig, run_dir: Path, kind: Kind, step: int, base_mode
     out += [f"| {k} | {_cell(v)} |" for k, v in settings.items()]
     out += ["", "## Defense", "", f"`{cfg.defense.name}` with these settings (`defense.*`):", "", "```yaml"]
     out += [yaml.safe_dump(defense, sort_keys=False).strip(), "```", ""]
-    out += _safety_section(run_dir)
+    out += _safety_section(run_dir, step)
     out += [
         "## Reproduce",
         "",
@@ -219,14 +236,38 @@ def _cell(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _safety_section(run_dir: Path) -> list[str]:
-    out = ["## Safety evaluation", ""]
+def evaluated_summary(run_dir: Path, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The run's full evaluations (``eval/summary.json``, safeft.eval.results) of checkpoint ``step``, and
+    {suite: step} of the ones made at another checkpoint (left out: they describe another model)."""
     path = run_dir / "eval" / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
+    index_path = run_dir / "eval" / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    evaluations = index.get("evaluations", {}) if isinstance(index, dict) else {}
+    keep, other = {}, {}
+    for suite, entry in summary.items():
+        if not isinstance(entry, dict):
+            continue
+        model_id = evaluations.get(entry.get("eval_id"), {}).get("settings", {}).get("model", {})
+        at = model_id.get("checkpoint_step") if isinstance(model_id, dict) else None
+        if at is not None and at != step:
+            other[suite] = at
+        else:  # this checkpoint, or an evaluation that did not record one (before the settings-hash layout)
+            keep[suite] = entry
+    return keep, other
+
+
+def _safety_section(run_dir: Path, step: int) -> list[str]:
+    out = ["## Safety evaluation", ""]
+    summary, other = evaluated_summary(run_dir, step)
     rows = safety_rows(summary)
+    if other:
+        at = ", ".join(f"{suite} (step {s})" for suite, s in other.items())
+        out += [f"Left out, evaluated at another checkpoint than this export's: {at}.", ""]
     if not rows:
         out += [
-            "This run has no evaluation summary (`safeft eval RUN` writes one), so this card claims no safety numbers.",
+            "This checkpoint has no full evaluation (`safeft eval RUN` without `--limit` writes one), so this card "
+            "claims no safety numbers.",
             "",
         ]
     else:
@@ -283,31 +324,6 @@ def _check_out(out: Path, force: bool) -> None:
         raise ExportError(f"{out} exists and is not empty; pass --force (force=True) to replace it")
 
 
-def _write_atomic(out: Path, force: bool, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` in a temp directory beside ``out``, then rename it into place.
-
-    A replaced ``out`` is moved aside first and deleted only after the rename, so a failure at any point
-    leaves either the old directory or the new one, never a mix."""
-    _check_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
-    old = None
-    try:
-        write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None and not out.exists():
-            os.replace(old / out.name, out)  # put the previous export back
-        raise
-    finally:
-        for p in (tmp, old):
-            if p is not None and p.exists():
-                shutil.rmtree(p, ignore_errors=True)
-
-
 def _base_reference(spec: str) -> str:
     """The base model name an adapter records: the run's spec, a local path made absolute."""
     path = Path(spec).expanduser()
@@ -336,7 +352,7 @@ def export(
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if kind == "adapter" and dtype != "float32":
         raise ExportError("dtype applies to --merged exports; an adapter is saved as trained (float32)")
-    if not models.is_run_dir(run_dir):
+    if not is_run_dir(run_dir):
         raise ExportError(f"{run_dir} is not a safeft run directory (needs config.yaml and checkpoints/)")
     if run_dir.resolve() == out.resolve() or out.resolve() in run_dir.resolve().parents:
         # replacing OUT (--force) would delete the run being exported
@@ -349,13 +365,11 @@ def export(
         )
     _check_out(out, force)  # before the model loads: a refusal should cost nothing
     _, at = _run_step(run_dir, step)
-    from safeft.train import load_run_model  # moving to safeft.runs
-
-    model, tok = load_run_model(run_dir, step=at)
+    model, tok = load_run(run_dir, step=at)
     recorded = None
     if kind == "adapter":
         recorded = base_model or _base_reference(cfg.model.spec)
-        if models.is_run_dir(recorded) or models.is_adapter_dir(recorded):
+        if is_run_dir(recorded) or models.is_adapter_dir(recorded):
             log.warning(
                 "the run's base %s is itself a run or an adapter: safeft loads this adapter on it, plain peft "
                 "cannot (export --merged for a standalone model)",
@@ -367,14 +381,13 @@ def export(
         model = models.merge_and_unload(model).to(DTYPES[dtype])
     card = model_card(cfg, run_dir, kind, at, recorded)
 
-    def write(tmp: Path) -> None:
+    _check_out(out, force)
+    # written in a temp dir beside OUT and swapped in whole; a failure leaves the old OUT (or none)
+    with io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        # peft writes a generic card of its own; ours replaces it
-        (tmp / "README.md").write_text(card)
+        (tmp / "README.md").write_text(card)  # peft writes a generic card of its own; ours replaces it
         C.save(cfg, tmp / "safeft_config.yaml")
-
-    _write_atomic(out, force, write)
     files = sorted(p.name for p in out.iterdir())
     log.info("exported %s (%s, step %d) to %s", run_dir, kind, at, out)
     return ExportResult(out, kind, files, recorded, at)

@@ -19,15 +19,16 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from safeft import io
 from safeft.config import LoraConfig
+from safeft.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,10 @@ def convert_gguf(gguf: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temp dir and rename, so an interrupted conversion never leaves a half checkpoint.
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    # Written to a temp dir and renamed, so an interrupted conversion never leaves a half checkpoint.
+    with io.atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -117,15 +112,24 @@ def resolve(spec: str) -> str:
     return spec  # a hub id; from_pretrained will download it if the user has a network
 
 
-def is_run_dir(path: str | Path) -> bool:
-    """A safeft run directory: its resolved ``config.yaml`` beside a ``checkpoints/`` folder."""
-    path = Path(path).expanduser()
-    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
-
-
 def is_adapter_dir(path: str | Path) -> bool:
     """A PEFT adapter directory (``adapter_config.json``), as ``save_pretrained`` of a PeftModel writes it."""
     return (Path(path).expanduser() / "adapter_config.json").is_file()
+
+
+@dataclass(frozen=True)
+class SpecFormat:
+    """A directory format a model spec may name besides a plain checkpoint: ``matches(path)`` tells one,
+    ``load(path, dtype)`` returns (model, tokenizer) as ``load`` does."""
+
+    matches: Callable[[Path], bool]
+    load: Callable[[Path, torch.dtype], tuple[nn.Module, object]]
+
+
+# Formats defined above this module register here too (a safeft run directory: safeft.export, on top of
+# safeft.runs). The registry imports its plug-ins on the first lookup, so this module imports none of them
+# and the layers keep pointing one way.
+SPEC_FORMATS: Registry[SpecFormat] = Registry("model directory format", plugins=("safeft.export",))
 
 
 def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
@@ -140,24 +144,12 @@ def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, obje
     itself. The merge runs in fp32, before any cast to ``dtype``.
     """
     path = Path(spec).expanduser()
-    if is_run_dir(path):
-        return _load_run(path, dtype)
-    if is_adapter_dir(path):
-        return _load_adapter(path, dtype)
+    if path.is_dir():
+        for name in SPEC_FORMATS:
+            fmt = SPEC_FORMATS.get(name)
+            if fmt.matches(path):
+                return fmt.load(path, dtype)
     return _load_plain(spec, dtype)
-
-
-def _load_run(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
-    # Imported here, not at the top: the training loop imports this module. (Moving to safeft.runs.)
-    from safeft.train import load_run_model
-
-    try:
-        model, tok = load_run_model(path)
-    except FileNotFoundError as e:
-        raise ModelError(f"model spec {str(path)!r} is a run directory without a usable checkpoint: {e}") from e
-    model = merge_and_unload(model).to(dtype)
-    model.eval()
-    return model, tok
 
 
 def _load_adapter(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
@@ -189,6 +181,11 @@ def _load_adapter(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
         tok = AutoTokenizer.from_pretrained(str(path))
         prepare_tokenizer(tok)
     return model, tok
+
+
+SPEC_FORMATS.register("peft_adapter", "a PEFT adapter directory: its base model plus the adapter, merged")(
+    SpecFormat(is_adapter_dir, _load_adapter)
+)
 
 
 def _load_plain(spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
@@ -319,15 +316,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def save_model(model: nn.Module, tokenizer, out: Path) -> None:
     """Save a plain (merged) checkpoint atomically."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-tmp-"))
-    try:
+    with io.atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

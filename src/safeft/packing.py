@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from safeft.data.chat import IGNORE
+from safeft.hooks import unembedding_input
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: st
     warning that names the reason, when the model cannot take a custom mask or the states disagree by more
     than rounding; the caller then keeps its separate passes.
     """
-    model = ctx.accelerator.unwrap_model(ctx.model)
+    model = ctx.unwrapped
     fmt = attention_format(model)
     if fmt is None or not ctx.task_rows:
         why = "no task rows to check it on" if fmt is not None else "its attention takes no custom 4-D mask"
@@ -249,16 +250,11 @@ def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: st
         share=share,
         fmt=fmt,
     )
-    states: list[torch.Tensor] = []
-    with ctx.reference() as ref:
-        # the module that runs: the same network under LoRA, a frozen copy under full fine-tuning
-        handle = ref.get_output_embeddings().register_forward_pre_hook(lambda _m, a: states.append(a[0].float()))
-        try:
-            for b in (packed.batch, host, alone):
-                ctx.forward(b, model=ref)
-        finally:
-            handle.remove()
-    got, task, seg = states
+    # the module that runs: the same network under LoRA, a frozen copy under full fine-tuning
+    with ctx.reference() as ref, unembedding_input(ref) as seen:
+        for b in (packed.batch, host, alone):
+            ctx.forward(b, model=ref)
+    got, task, seg = (x.float() for x in seen)
     real = host["attention_mask"].bool()
     err_task = relative_error(got[: packed.n_task, : real.shape[1]][real], task[real])
     got_seg = torch.cat([packed.take(got, j, torch.arange(len(r.input_ids))) for j, r in enumerate(segments)])

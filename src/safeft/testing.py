@@ -7,9 +7,18 @@ is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from safeft.config import RunConfig
+    from safeft.context import RunContext
+    from safeft.data.types import Example
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -91,6 +100,38 @@ def tiny_run_config(out_dir: Path, *overrides: str):
     from safeft import config as C
 
     return C.load(overrides=[*TINY_RUN, f"out_dir={out_dir}", *overrides])
+
+
+def make_ctx(
+    cfg: RunConfig | Sequence[str],
+    model_tok: tuple[nn.Module, Any],
+    run_dir: Path,
+    aux: dict[str, list[Example]] | None = None,
+    *,
+    attach: bool = True,
+    precision: str = "fp32",
+) -> RunContext:
+    """A ``RunContext`` for testing a defense directly (``setup`` / ``step`` without the loop), built as
+    ``train.train`` builds it, minus the optimizer and accelerate's ``prepare``.
+
+    ``cfg`` is a ``RunConfig`` or ``tiny_run_config`` overrides (outputs under ``run_dir / "runs"``);
+    ``model_tok`` the (model, tokenizer) pair, e.g. the ``tiny`` fixture. With ``attach`` the config's fresh
+    LoRA is attached (every weight made trainable when ``model.lora.enabled=false``); the frozen reference
+    is prepared when the defense ``needs`` one, as the loop does. fp32 by default, so tests compare exact
+    numbers.
+    """
+    from safeft import models
+    from safeft.context import RunContext, make_accelerator
+    from safeft.methods.registry import METHODS
+
+    if isinstance(cfg, (list, tuple)):
+        cfg = tiny_run_config(Path(run_dir) / "runs", *cfg)
+    model, tok = model_tok
+    if attach:
+        model = models.attach_lora(model, cfg.model.lora)
+    if "reference" in METHODS.get(cfg.defense.name).needs:
+        models.prepare_reference(model)  # free under LoRA; a frozen copy under full fine-tuning
+    return RunContext(make_accelerator(precision), model, tok, cfg, Path(run_dir), aux=dict(aux or {}))
 
 
 def tiny_contrastive(n: int = 6) -> list:

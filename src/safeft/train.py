@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,230 +24,40 @@ import torch
 from torch import nn
 
 from safeft import config as C
-from safeft import methods, models
+from safeft import io, methods, models
 from safeft import precision as P
+from safeft.context import RunContext, Stream, make_accelerator
 from safeft.data.aux import SERVICES, build_aux
-from safeft.data.chat import Rendered, collate, render
+from safeft.data.chat import render, render_task, use_chat_template
 from safeft.data.types import Example
+from safeft.runs import (
+    check_same_config,
+    checkpoints,
+    load_checkpoint,
+    load_run_model,
+    load_trainable,
+    make_run_dir,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_log,
+)
+from safeft.threats.poison import check_fraction, poison
+
+# Re-exported for callers that knew them here; their home is context / runs.
+__all__ = [
+    "RunContext",
+    "Stream",
+    "TrainResult",
+    "TrainingInterrupted",
+    "checkpoints",
+    "load_run_model",
+    "load_trainable",
+    "make_accelerator",
+    "train",
+]
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- accelerator
-
-
-def make_accelerator(precision: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # Accelerate keeps process-wide state; a second run in the same process (tests, the demo's several
-    # stages) may ask for another precision, so start from a clean state each time.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no")
-
-
-# ----------------------------------------------------------------------------- data streams
-
-
-class Stream:
-    """An endless, deterministic stream of micro-batches over ``rows``.
-
-    Epoch e is a permutation seeded by (seed, e); the stream is the concatenation of epochs, cut into
-    consecutive chunks, so no row is ever dropped and the whole state is one integer (the position).
-    """
-
-    def __init__(self, rows: list[Rendered], batch_size: int, seed: int, name: str = "task") -> None:
-        if not rows:
-            raise ValueError(f"data stream {name!r} is empty")
-        self.rows, self.batch_size, self.seed, self.name = rows, batch_size, seed, name
-        self.pos = 0
-        self._perm_epoch, self._perm = -1, []
-
-    def _at(self, p: int) -> Rendered:
-        epoch, i = divmod(p, len(self.rows))
-        if epoch != self._perm_epoch:
-            self._perm = list(range(len(self.rows)))
-            random.Random(f"{self.name}-{self.seed}-{epoch}").shuffle(self._perm)
-            self._perm_epoch = epoch
-        return self.rows[self._perm[i]]
-
-    def next(self) -> list[Rendered]:
-        out = [self._at(self.pos + k) for k in range(self.batch_size)]
-        self.pos += self.batch_size
-        return out
-
-
-# ----------------------------------------------------------------------------- context
-
-
-@dataclass
-class RunContext:
-    """What a defense sees: the model, its reference, aux data, pass counters."""
-
-    accelerator: Any
-    model: nn.Module
-    tokenizer: Any
-    cfg: C.RunConfig
-    run_dir: Path
-    aux: dict[str, list[Example]] = field(default_factory=dict)
-    step: int = 0
-    passes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
-    positions: int = 0  # token positions (padding included) run through forward passes this step
-    streams: dict[str, Stream] = field(default_factory=dict)
-    task_rows: list[Rendered] = field(default_factory=list)  # the rendered task data (e.g. for probe sets)
-    post_hoc_done: bool = False  # after_train has run and its result is in the final checkpoint
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def system_prompt(self) -> str | None:
-        return self.cfg.model.system_prompt
-
-    def forward(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None, **kw: Any):
-        """A counted forward pass under the run's autocast. Extra keys (e.g. ``ids``) are ignored."""
-        self.passes["forward"] += 1
-        inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        x = inputs.get("input_ids", inputs.get("inputs_embeds"))
-        if x is not None:  # what a pass costs grows with its positions, padding included, not with its count
-            self.positions += x.shape[0] * x.shape[1]
-        with self.accelerator.autocast():
-            return (model or self.model)(**inputs, **kw)
-
-    def backward(self, loss: torch.Tensor, **kw: Any) -> None:
-        """A counted backward pass, scaled for gradient accumulation."""
-        self.passes["backward"] += 1
-        self.accelerator.backward(loss / self.cfg.train.grad_accum, **kw)
-
-    def grad(self, loss: torch.Tensor, inputs, **kw: Any) -> tuple[torch.Tensor, ...]:
-        """A counted backward pass that returns gradients instead of accumulating them into ``.grad``.
-
-        For auxiliary gradients (an adversarial perturbation, a probe direction) that must never reach the
-        optimizer. Not scaled for gradient accumulation: callers use these as directions.
-        """
-        self.passes["backward"] += 1
-        return torch.autograd.grad(loss, inputs, **kw)
-
-    def reference(self) -> AbstractContextManager[nn.Module]:
-        return models.reference(self.accelerator.unwrap_model(self.model))
-
-    def batch(self, rows: list[Rendered], side: str = "right") -> dict[str, torch.Tensor]:
-        out = collate(rows, self.tokenizer.pad_token_id, side)
-        return {k: v.to(self.device) for k, v in out.items()}
-
-    def render(self, examples: list[Example], max_length: int | None = None) -> list[Rendered]:
-        ml = max_length or (self.cfg.data.max_length if self.cfg.data else None)
-        return [render(self.tokenizer, ex, self.system_prompt, ml) for ex in examples]
-
-    def aux_data(self, name: str) -> list[Example]:
-        if name not in self.aux or not self.aux[name]:
-            raise KeyError(f"this defense needs aux data {name!r}; the run provides {sorted(self.aux)}")
-        return self.aux[name]
-
-    def stream(self, name: str, rows: list[Rendered], batch_size: int) -> Stream:
-        """A named aux stream whose position the loop checkpoints, so defenses resume exactly."""
-        if name not in self.streams:
-            self.streams[name] = Stream(rows, batch_size, self.cfg.train.seed, name)
-        return self.streams[name]
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint is complete once its ``state.json`` exists)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.exists():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / "state.json").exists())
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(ctx: RunContext, optimizer, scheduler, defense, task: Stream) -> Path:
-    from safetensors.torch import save_file
-
-    root = ctx.run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{ctx.step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    model = ctx.accelerator.unwrap_model(ctx.model)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "defense": defense.state_dict(),
-        },
-        tmp / "trainer.pt",
-    )
-    streams = {name: s.pos for name, s in ctx.streams.items()}
-    state = {"step": ctx.step, "task_pos": task.pos, "streams": streams, "post_hoc_done": ctx.post_hoc_done}
-    (tmp / "state.json").write_text(json.dumps(state))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    # Only the newest checkpoint needs optimizer state to resume; older ones keep their weights for
-    # diagnosis (CKA over training) at a third of the size.
-    for old in checkpoints(ctx.run_dir)[:-1]:
-        (old / "trainer.pt").unlink(missing_ok=True)
-    return final
-
-
-def load_trainable(model: nn.Module, ckpt: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(ckpt) / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    unknown = [n for n in state if n not in params]
-    if missing or unknown:
-        raise RuntimeError(
-            f"{ckpt}: checkpoint does not match the model (missing {missing[:3]}, unknown {unknown[:3]})"
-        )
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
-
-
-def _resume(ctx: RunContext, optimizer, scheduler, defense, task: Stream, ckpt: Path) -> None:
-    load_trainable(ctx.accelerator.unwrap_model(ctx.model), ckpt)
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
-    _set_rng_state(trainer["rng"])
-    defense.load_state_dict(trainer["defense"])
-    state = json.loads((ckpt / "state.json").read_text())
-    ctx.step, task.pos = state["step"], state["task_pos"]
-    ctx.post_hoc_done = state.get("post_hoc_done", False)
-    ctx._resume_streams = state["streams"]  # applied as defenses (re)create their streams in setup
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    # Lines logged after the checkpoint we resume from will be logged again.
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 # ----------------------------------------------------------------------------- periodic ASR
@@ -292,17 +97,15 @@ class PeriodicASR:
         from safeft.eval.suites import harmful
 
         ev = self.cfg.eval
-        settings = GenSettings(
-            ev.max_new_tokens, ev.batch_size, system_prompt=self.cfg.model.system_prompt, precision=ev.precision
-        )
+        settings = GenSettings.from_eval(ev, system_prompt=self.cfg.model.system_prompt)
         out = self.run_dir / "eval_steps" / f"step-{ctx.step:06d}"
-        # Greedy generation draws no random numbers, but isolate the RNG anyway: a sampled judge or a
-        # future setting must not change the training trajectory.
-        rng = _rng_state()
+        # Sampled decoding (eval.do_sample) seeds torch's global RNG, and a judge may draw from it too:
+        # restore the RNG afterwards so evaluating never changes the training trajectory.
+        rng = rng_state()
         try:
-            res = harmful(ctx.accelerator.unwrap_model(ctx.model), ctx.tokenizer, self.items(), settings, ev.judge, out)
+            res = harmful(ctx.unwrapped, ctx.tokenizer, self.items(), settings, ev.judge, out)
         finally:
-            _set_rng_state(rng)
+            set_rng_state(rng)
         line = {"step": ctx.step, **res}
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
@@ -322,24 +125,16 @@ class TrainResult:
     metrics: list[dict[str, Any]]
 
 
-def make_run_dir(cfg: C.RunConfig) -> Path:
-    run_id = cfg.run_id or f"{cfg.defense.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.out_dir) / run_id
-
-
 def _load_task_examples(cfg: C.RunConfig) -> list[Example]:
-    from safeft.data.sources import load_source
+    from safeft.data.sources import load_source, load_task
 
     if cfg.data is None:
         raise C.ConfigError("training needs data.task (e.g. data.task=domain:finance)")
-    rows = load_source(cfg.data.task)
-    if cfg.data.n_train is not None:
-        if cfg.data.n_train > len(rows):
-            raise C.ConfigError(f"data.n_train={cfg.data.n_train} but {cfg.data.task} has {len(rows)} rows")
-        rows = rows[: cfg.data.n_train]
-    missing = [ex.id for ex in rows if ex.response is None]
-    if missing:
-        raise C.ConfigError(f"{cfg.data.task}: {len(missing)} rows have no response (first: {missing[0]})")
+    rows = load_task(cfg.data)  # columns mapped, n_train applied, every row answered
+    check_fraction(cfg.data.poison)
+    if cfg.data.poison > 0:
+        harmful = load_source(cfg.data.poison_source)
+        rows = poison(rows, harmful, cfg.data.poison, cfg.data.seed, where=cfg.data.poison_source)
     return rows
 
 
@@ -394,11 +189,17 @@ def train(
     # A defense may change the task data itself (safety-data mixing); still before anything is written.
     examples = defense.task_examples(examples, aux)
     run_dir = Path(run_dir) if run_dir else make_run_dir(cfg)
-    _check_same_config(run_dir, cfg)
+    check_same_config(run_dir, cfg)
     if model is None:
         model, tokenizer = models.load(cfg.model.spec)
-    max_len = cfg.data.max_length if cfg.data else None
-    rows = [render(tokenizer, ex, cfg.model.system_prompt, max_len) for ex in examples]
+    if cfg.data is not None:
+        use_chat_template(tokenizer, cfg.data.chat_template)
+        # rows cut at max_length are counted and logged; past data.max_truncated the run stops here
+        rows, rendered = render_task(
+            tokenizer, examples, cfg.model.system_prompt, cfg.data.max_length, cfg.data.max_truncated
+        )
+    else:
+        rows, rendered = [render(tokenizer, ex, cfg.model.system_prompt) for ex in examples], None
     run_dir.mkdir(parents=True, exist_ok=True)
     C.save(cfg, run_dir / "config.yaml")
     _seed_all(tc.seed)
@@ -418,30 +219,41 @@ def train(
 
     ctx = RunContext(accelerator, model, tokenizer, cfg, run_dir, aux=aux, task_rows=rows)
     task = Stream(rows, tc.batch_size, tc.seed, "task")
+    post_hoc_done = False  # after_train has run and its result is in the final checkpoint
+
+    def save() -> Path:
+        state = {"step": ctx.step, "task_pos": task.pos, "streams": {n: s.pos for n, s in ctx.streams.items()}}
+        return save_checkpoint(
+            ctx.run_dir,
+            ctx.unwrapped,
+            optimizer,
+            scheduler,
+            defense.state_dict(),
+            {**state, "post_hoc_done": post_hoc_done},
+        )
+
     metrics_path = run_dir / "metrics.jsonl"
+    asr = PeriodicASR(cfg, run_dir)
     done = checkpoints(run_dir) if resume else []
     if done:
-        _resume(ctx, optimizer, scheduler, defense, task, done[-1])
-        _truncate_metrics(metrics_path, ctx.step)
+        state, defense_state = load_checkpoint(done[-1], ctx.unwrapped, optimizer, scheduler)
+        defense.load_state_dict(defense_state)
+        ctx.step, task.pos, ctx.resume_streams = state["step"], state["task_pos"], state["streams"]
+        post_hoc_done = state.get("post_hoc_done", False)
+        for path in (metrics_path, asr.path):
+            truncate_log(path, ctx.step)
         log.info("resuming %s from step %d", run_dir, ctx.step)
-    elif metrics_path.exists():
-        metrics_path.unlink()
-    asr = PeriodicASR(cfg, run_dir)
-    if done:
-        _truncate_metrics(asr.path, ctx.step)
-    elif asr.path.exists():
-        asr.path.unlink()
+    else:
+        for path in (metrics_path, asr.path):
+            path.unlink(missing_ok=True)
 
     setup_passes = dict(ctx.passes)
     # setup may draw random numbers (a PGD init, a sample of probes). It runs on a fresh run after seeding
     # and on a resumed run after the RNG was restored, so isolate it: otherwise the two would diverge.
-    rng = _rng_state()
+    rng = rng_state()
     defense.setup(ctx)
-    _set_rng_state(rng)
-    for name, pos in getattr(ctx, "_resume_streams", {}).items():
-        if name not in ctx.streams:
-            raise RuntimeError(f"checkpoint has aux stream {name!r} that the defense did not create in setup")
-        ctx.streams[name].pos = pos
+    set_rng_state(rng)
+    ctx.restore_streams()
     setup_cost = {k: ctx.passes[k] - setup_passes[k] for k in ctx.passes}
 
     history: list[dict[str, Any]] = []
@@ -460,7 +272,7 @@ def train(
                 sums: dict[str, float] = {}
                 diags: dict[str, float] = {}
                 total, tokens = 0.0, 0
-                for _ in range(tc.grad_accum):
+                for ctx.micro in range(tc.grad_accum):
                     batch = ctx.batch(task.next())
                     tokens += int((batch["labels"] != -100).sum())
                     out = defense.step(ctx, batch)
@@ -493,16 +305,16 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.3f}")
                 if (tc.save_every and ctx.step % tc.save_every == 0) or ctx.step == tc.steps:
-                    save_checkpoint(ctx, optimizer, scheduler, defense, task)
+                    save()
                 if interrupt_after is not None and ctx.step >= interrupt_after and ctx.step < tc.steps:
                     raise TrainingInterrupted(ctx.step)
-        if not ctx.post_hoc_done:
+        if not post_hoc_done:
             # A post-hoc change (Safe LoRA's projection) must be what the final checkpoint holds, and must
             # not be applied twice when a finished run is resumed: save again, marked as done. The save
             # before it (inside the loop) keeps the trained weights should after_train fail.
             defense.after_train(ctx)
-            ctx.post_hoc_done = True
-            save_checkpoint(ctx, optimizer, scheduler, defense, task)
+            post_hoc_done = True
+            save()
     finally:
         bar.close()
         defense.close()  # hooks never outlive the run, even a crashed one
@@ -512,11 +324,13 @@ def train(
         "final_loss": last_loss,
         "precision": precision,
         "defense": cfg.defense.name,
+        "poison": cfg.data.poison if cfg.data else 0.0,
+        "data": rendered.record() if rendered is not None else None,
         "setup_passes": setup_cost,
         "reference_extra_bytes": models.reference_extra_bytes(unwrapped),
         "trainable_params": sum(p.numel() for p in params),
     }
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    io.write_json(run_dir / "train_summary.json", summary)
     return TrainResult(run_dir, unwrapped, tokenizer, ctx.step, last_loss, history)
 
 
@@ -524,40 +338,3 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, step: int) -> None:
         super().__init__(f"training interrupted after step {step}")
         self.step = step
-
-
-def _check_same_config(run_dir: Path, cfg: C.RunConfig) -> None:
-    """Refuse to resume a run directory that was started with a different config."""
-    saved = run_dir / "config.yaml"
-    if not saved.exists() or not checkpoints(run_dir):
-        return
-    import yaml
-
-    old = yaml.safe_load(saved.read_text())
-    new = C.to_dict(cfg)
-    if old != new:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise C.ConfigError(
-            f"{run_dir} holds a run with a different config (sections differ: {', '.join(diff)}); "
-            "use another run_id, or delete the directory to start over"
-        )
-
-
-def load_run_model(run_dir: Path, step: int | None = None) -> tuple[nn.Module, Any]:
-    """Rebuild a trained model from its run directory: base model + the checkpoint's trainable weights."""
-    run_dir = Path(run_dir)
-    cfg = C.load(run_dir / "config.yaml")
-    done = checkpoints(run_dir)
-    if not done:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
-    ckpt = done[-1] if step is None else run_dir / "checkpoints" / f"step-{step:06d}"
-    model, tok = models.load(cfg.model.spec)
-    model = models.attach_lora(model, cfg.model.lora)
-    load_trainable(model, ckpt)
-    model.eval()
-    return model, tok
-
-
-def iter_checkpoints(run_dir: Path) -> Iterator[tuple[int, Path]]:
-    for p in checkpoints(run_dir):
-        yield int(p.name.split("-")[1]), p

@@ -76,6 +76,6 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
     scope: dict = {}
     for code in blocks:
         exec(compile(code, str(DOCS), "exec"), scope)
-    assert (tmp_path / "runs" / "api-demo" / "eval" / "summary.json").exists()
+    assert (tmp_path / "runs" / "api-demo" / "eval" / "index.json").exists()
     assert (tmp_path / "api-demo-adapter" / "adapter_config.json").exists()
     assert scope["harmful"]["n"] == 8 and "verdict" in scope["report"]

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from safeft import models
+from safeft.context import RunContext
 from safeft.data.aux import COMPLIANCE_OPENERS
 from safeft.data.types import Example
 from safeft.methods.booster import Booster
-from safeft.testing import tiny_contrastive, tiny_run_config
-from safeft.train import RunContext, make_accelerator, train
+from safeft.testing import make_ctx, tiny_contrastive, tiny_run_config
+from safeft.train import train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 CONTRASTIVE = tiny_contrastive()
@@ -19,14 +20,12 @@ AUX = {"contrastive": CONTRASTIVE}
 
 
 def _ctx(tiny, tmp_path, *extra: str) -> RunContext:
-    model, tok = tiny
-    cfg = tiny_run_config(tmp_path / "runs", "defense.name=booster", "defense.harmful_batch=3", *extra)
-    model = models.attach_lora(model, cfg.model.lora)
+    ctx = make_ctx(["defense.name=booster", "defense.harmful_batch=3", *extra], tiny, tmp_path, AUX)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, p in ctx.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.05)
-    return RunContext(make_accelerator("fp32"), model, tok, cfg, tmp_path, aux=dict(AUX))
+    return ctx
 
 
 def _grad(model, batch) -> tuple[dict[str, torch.Tensor], float]:

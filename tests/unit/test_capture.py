@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from safeft import models
-from safeft.diagnose.capture import capture
+from safeft.hooks import capture
 
 
 def _hooks(model: nn.Module) -> int:

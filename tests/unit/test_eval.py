@@ -10,6 +10,7 @@ from safeft.config import EvalConfig
 from safeft.data.types import Example
 from safeft.eval import judges
 from safeft.eval.generate import GenSettings, generate
+from safeft.eval.results import Store
 from safeft.eval.suites import evaluate, harmful, subset
 
 
@@ -77,5 +78,7 @@ def test_evaluate_runs_every_suite(tiny, tmp_path):
     summary = evaluate(model, tok, cfg, tmp_path, ["finance"])
     assert summary["harmful"]["n"] == 4 and summary["over_refusal"]["n"] == 3
     assert summary["utility:finance"]["n"] == 3 and summary["utility:finance"]["answer_nll"] > 0
+    (ev,) = Store(tmp_path / "eval").evaluation_dirs()
     for f in ("harmful.jsonl", "over_refusal.jsonl", "utility_finance.jsonl", "summary.json"):
-        assert (tmp_path / "eval" / f).exists(), f
+        assert (ev / f).exists(), f
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text()).keys() == summary.keys()

@@ -12,6 +12,7 @@ from safeft.config import ConfigError, EvalConfig
 from safeft.data.sources import load_source
 from safeft.eval import humaneval as H
 from safeft.eval.generate import GenerationError, GenSettings, generate, generate_full
+from safeft.eval.results import Store
 from safeft.eval.sandbox import SandboxLimits, run_many
 from safeft.eval.suites import evaluate, headline, parse_suites
 
@@ -22,11 +23,16 @@ def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+def _latest(out):
+    """The directory of the newest evaluation under ``out/eval`` (safeft.eval.results)."""
+    return Store(out / "eval").evaluation_dirs()[-1]
+
+
 def test_every_setting_is_recorded_with_each_sample(tiny, tmp_path):
     model, tok = tiny
     cfg = EvalConfig(**CFG, suites=["harmful"])
     evaluate(model, tok, cfg, tmp_path, system_prompt="Answer briefly.")
-    recs = _lines(tmp_path / "eval" / "harmful.jsonl")
+    recs = _lines(_latest(tmp_path) / "harmful.jsonl")
     assert len(recs) == 4
     s = recs[0]["settings"]
     assert s["max_new_tokens"] == 4 and s["system_prompt"] == "Answer briefly." and s["decoding"] == "greedy"
@@ -99,7 +105,7 @@ def test_limit_caps_every_suite_and_is_recorded(tiny, tmp_path):
     assert set(summary) == {"harmful", "over_refusal", "utility:finance"}
     for name, entry in summary.items():
         assert entry["n"] == 2 and entry["limit"] == 2, name
-    assert len(_lines(tmp_path / "eval" / "over_refusal.jsonl")) == 2
+    assert len(_lines(_latest(tmp_path) / "over_refusal.jsonl")) == 2
     full = evaluate(model, tok, EvalConfig(**CFG), None, ["finance"])
     assert full["harmful"]["n"] == 4 and "limit" not in full["harmful"]
     with pytest.raises(ConfigError, match="limit must be >= 1"):
@@ -110,7 +116,7 @@ def test_only_the_selected_suites_run(tiny, tmp_path):
     model, tok = tiny
     summary = evaluate(model, tok, EvalConfig(**CFG), tmp_path, suites=["over_refusal", "utility:medical"])
     assert set(summary) == {"over_refusal", "utility:medical"}
-    files = {p.name for p in (tmp_path / "eval").iterdir()}
+    files = {p.name for p in _latest(tmp_path).iterdir()}
     assert files == {"over_refusal.jsonl", "utility_medical.jsonl", "summary.json"}
     assert headline(summary).keys() == {"over_refusal", "utility:medical/acc", "utility:medical/nll"}
 
@@ -138,7 +144,7 @@ def test_harmful_suite_takes_any_data_source(tiny, tmp_path):
     name = f"harmful:jsonl:{src}"
     summary = evaluate(model, tok, EvalConfig(**CFG), tmp_path, suites=[name])
     assert summary[name]["n"] == 3 and summary[name]["source"] == f"jsonl:{src}"
-    (rec_file,) = [p for p in (tmp_path / "eval").glob("harmful_*.jsonl")]
+    (rec_file,) = [p for p in _latest(tmp_path).glob("harmful_*.jsonl")]
     assert [r["id"] for r in _lines(rec_file)] == ["m0", "m1", "m2"]
     assert f"asr:jsonl:{src}" in headline(summary)
 
@@ -162,7 +168,7 @@ def test_humaneval_suite_records_pass_at_1(tiny, tmp_path):
     summary = evaluate(model, tok, cfg, tmp_path, suites=["humaneval"], limit=2)
     he = summary["humaneval"]
     assert he["n"] == 2 and he["max_new_tokens"] == 6 and he["decoding"] == "greedy" and he["pass@1"] == 0.0
-    recs = _lines(tmp_path / "eval" / "humaneval.jsonl")
+    recs = _lines(_latest(tmp_path) / "humaneval.jsonl")
     assert [r["id"] for r in recs] == ["humaneval-0", "humaneval-1"]
     assert all(r["correct"] is False and r["reason"] and r["prompt"].startswith(H.INSTRUCTION) for r in recs)
 
@@ -171,7 +177,7 @@ def test_code_utility_runs_the_tests_in_the_sandbox(tiny, tmp_path):
     model, tok = tiny
     summary = evaluate(model, tok, EvalConfig(**CFG), tmp_path, suites=["utility:code"], limit=2)
     assert summary["utility:code"]["accuracy"] == 0.0
-    assert all(r["reason"] for r in _lines(tmp_path / "eval" / "utility_code.jsonl"))
+    assert all(r["reason"] for r in _lines(_latest(tmp_path) / "utility_code.jsonl"))
 
 
 def test_cli_suite_and_limit(tiny_dir, tmp_path, capsys):
@@ -180,8 +186,9 @@ def test_cli_suite_and_limit(tiny_dir, tmp_path, capsys):
     overrides = ["eval.max_new_tokens=3", "eval.precision=fp32", f"out_dir={tmp_path}", "run_id=e"]
     rc = main(["eval", str(tiny_dir), *overrides, "--suite", "over_refusal", "--limit", "2"])
     assert rc == 0
-    summary = json.loads((tmp_path / "e" / "eval" / "summary.json").read_text())
+    summary = json.loads((_latest(tmp_path / "e") / "summary.json").read_text())
     assert list(summary) == ["over_refusal"] and summary["over_refusal"]["n"] == 2
+    assert json.loads((tmp_path / "e" / "eval" / "summary.json").read_text()) == {}  # a smoke run is not the run's
     assert main(["eval", str(tiny_dir), f"out_dir={tmp_path}", "--suite", "harmfull"]) == 2
     assert "did you mean 'harmful'" in capsys.readouterr().err
 

@@ -11,11 +11,12 @@ import torch
 
 from safeft import config as C
 from safeft import models
+from safeft.context import RunContext
 from safeft.data.chat import collate, render
 from safeft.data.types import Example
 from safeft.methods.ewc import EWC, EWCConfig
-from safeft.testing import tiny_run_config
-from safeft.train import RunContext, TrainingInterrupted, checkpoints, make_accelerator, train
+from safeft.testing import make_ctx, tiny_run_config
+from safeft.train import TrainingInterrupted, checkpoints, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 ALIGN = [Example(f"a{i}", f"How do I do harmful thing {i}?", "I'm sorry, I can't help." + " No." * i) for i in range(6)]
@@ -27,18 +28,14 @@ def _cfg(tmp_path, *extra: str) -> C.RunConfig:
 
 
 def _ctx(tiny, tmp_path, *extra: str, align=ALIGN, move_b: bool = True) -> RunContext:
-    model, tok = tiny
-    cfg = _cfg(tmp_path, *extra)
-    model = models.attach_lora(model, cfg.model.lora)
+    ctx = make_ctx(_cfg(tmp_path, *extra), tiny, tmp_path, {"alignment": align, "harmful_prompts": []})
     if move_b:  # a non-zero B, so that A has gradients too and every entry of F is exercised
         torch.manual_seed(1)
         with torch.no_grad():
-            for n, p in model.named_parameters():
+            for n, p in ctx.model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(std=0.1)
-    return RunContext(
-        make_accelerator("fp32"), model, tok, cfg, tmp_path, aux={"alignment": align, "harmful_prompts": []}
-    )
+    return ctx
 
 
 def _naive_fisher(ctx, data, batch_size: int | None) -> dict[str, torch.Tensor]:
@@ -220,11 +217,7 @@ def test_resume_keeps_theta_star_and_fisher(tmp_path, tiny_dir):
 
 
 def test_bad_config_is_rejected():
-    for bad in (
-        EWCConfig(lam=-1.0),
-        EWCConfig(fisher_samples=0),
-        EWCConfig(fisher_batch=0),
-        EWCConfig(fisher_reduction="max"),
-    ):
+    # the Config checks its values as it is built (from YAML or here), before any defense exists
+    for bad in ({"lam": -1.0}, {"fisher_samples": 0}, {"fisher_batch": 0}, {"fisher_reduction": "max"}):
         with pytest.raises(C.ConfigError):
-            EWC(bad)
+            EWC(EWCConfig(**bad))

@@ -13,8 +13,10 @@ import torch
 from safeft import export as E
 from safeft import models
 from safeft.cli import main
+from safeft.runs import load_run_model
+from safeft.stats import wilson
 from safeft.testing import tiny_run_config
-from safeft.train import load_run_model, train
+from safeft.train import train
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 8], [1, 2, 3, 4, 5, 6, 7]])
 
@@ -117,7 +119,7 @@ def test_the_run_itself_is_never_an_output(runs):
     for out in (runs["lora"], runs["lora"].parent):
         with pytest.raises(E.ExportError, match="is the run directory or holds it"):
             E.export(runs["lora"], out, "merged", force=True)
-    assert models.is_run_dir(runs["lora"])
+    assert E.is_run_dir(runs["lora"])
 
 
 def test_an_empty_output_directory_is_fine(runs, tmp_path):
@@ -126,11 +128,11 @@ def test_an_empty_output_directory_is_fine(runs, tmp_path):
 
 
 def test_wilson_interval_known_values():
-    lo, hi = E.wilson(5, 10)
+    lo, hi = wilson(5, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
-    lo, hi = E.wilson(0, 20)
+    lo, hi = wilson(0, 20)
     assert lo == 0.0 and round(hi, 4) == 0.1611
-    assert E.wilson(20, 20)[1] == 1.0
+    assert wilson(20, 20)[1] == 1.0
 
 
 def test_model_card_records_defense_settings_and_safety_numbers_with_intervals(runs, tmp_path):
@@ -143,16 +145,21 @@ def test_model_card_records_defense_settings_and_safety_numbers_with_intervals(r
     assert "claims no safety numbers" in card and "defense `sft`" in card
 
     model, tok = load_run_model(run)
-    ev = EvalConfig(n_harmful=6, max_new_tokens=4, batch_size=6, precision="fp32", suites=["harmful"])
-    summary = evaluate(model, tok, ev, run, limit=5)
+    ev = EvalConfig(n_harmful=5, max_new_tokens=4, batch_size=6, precision="fp32", suites=["harmful"])
+    summary = evaluate(model, tok, ev, run, model_id={"checkpoint_step": 3})
+    # a smoke run (--limit) and an evaluation of another checkpoint must not reach the card
+    evaluate(model, tok, ev, run, limit=2, model_id={"checkpoint_step": 3})
+    evaluate(model, tok, ev, run, suites=["over_refusal"], model_id={"checkpoint_step": 2})
     E.export(run, tmp_path / "adapter", "adapter")
     card = (tmp_path / "adapter" / "README.md").read_text()
     asr, n = summary["harmful"]["asr"], summary["harmful"]["n"]
     assert n == 5
-    lo, hi = E.wilson(round(asr * n), n)
+    lo, hi = wilson(round(asr * n), n)
     row = f"| harmful | refusal_keywords | asr | {100 * asr:.1f} % | {100 * lo:.1f} % – {100 * hi:.1f} % | 5 | 4 |"
     assert row in card
-    assert "Smoke run (`--limit`) for harmful" in card
+    assert "| 2 |" not in card  # the smoke run's n
+    assert "Left out, evaluated at another checkpoint than this export's: over_refusal (step 2)." in card
+    assert "| over_refusal |" not in card
     assert "library_name: peft" in card and "LoRA r=4, alpha=8" in card and "| 0.01, cosine |" in card
     assert (tmp_path / "adapter" / "safeft_config.yaml").exists()
 
@@ -232,7 +239,9 @@ def test_exported_adapter_is_a_model_spec_for_eval_and_for_further_training(runs
     assert main(["export", str(runs["lora"]), "--adapter", str(out)]) == 0
     args = ["eval", str(out), "--suite", "harmful", "--limit", "2", "eval.max_new_tokens=4"]
     assert main([*args, "eval.precision=fp32", f"out_dir={tmp_path / 'evals'}"]) == 0
-    summary = json.loads((tmp_path / "evals" / "eval-adapter" / "eval" / "summary.json").read_text())
+    eval_dir = tmp_path / "evals" / "eval-adapter" / "eval"
+    (eid,) = json.loads((eval_dir / "index.json").read_text())["evaluations"]  # a --limit run: not merged
+    summary = json.loads((eval_dir / eid / "summary.json").read_text())
     assert summary["harmful"]["n"] == 2
     # Fine-tuning an adapter spec: the loaded adapter is merged, a fresh one trains on top, and the
     # reference of that run is the loaded model.
@@ -252,7 +261,7 @@ def test_bad_specs_fail_clearly(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("run_id: x\n")
-    with pytest.raises(models.ModelError, match="without a usable checkpoint"):
+    with pytest.raises(models.ModelError, match="run directory without a complete checkpoint"):
         models.load(str(run))
     with pytest.raises(E.ExportError, match="not a safeft run directory"):
         E.export(tmp_path, tmp_path / "o", "adapter")

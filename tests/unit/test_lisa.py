@@ -9,10 +9,11 @@ import torch
 
 from safeft import config as C
 from safeft import models
+from safeft.context import RunContext
 from safeft.data.types import Example
 from safeft.methods.lisa import Lisa, LisaConfig
-from safeft.testing import tiny_run_config
-from safeft.train import RunContext, TrainingInterrupted, checkpoints, make_accelerator, train
+from safeft.testing import make_ctx, tiny_run_config
+from safeft.train import TrainingInterrupted, checkpoints, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 ALIGN = [Example(f"a{i}", f"How do I do harmful thing {i}?", "I'm sorry, I can't help.") for i in range(6)]
@@ -69,8 +70,7 @@ def test_alignment_steps_draw_alignment_batches(tiny, tmp_path):
 
 
 def _ctx(model, tok, cfg, tmp_path) -> RunContext:
-    model = models.attach_lora(model, cfg.model.lora)
-    return RunContext(make_accelerator("fp32"), model, tok, cfg, tmp_path, aux={"alignment": ALIGN})
+    return make_ctx(cfg, (model, tok), tmp_path, {"alignment": ALIGN})
 
 
 def test_proximal_term_anchors_each_state_to_the_switch_into_it(tiny, tmp_path):
@@ -127,6 +127,7 @@ def test_resume_continues_the_same_schedule(tmp_path, tiny_dir):
 
 
 def test_bad_config_is_rejected():
-    for bad in (LisaConfig(align_steps=0), LisaConfig(finetune_steps=0), LisaConfig(rho=-1), LisaConfig(prox_warmup=2)):
+    # the Config checks its values as it is built (from YAML or here), before any defense exists
+    for bad in ({"align_steps": 0}, {"finetune_steps": 0}, {"rho": -1}, {"prox_warmup": 2}):
         with pytest.raises(C.ConfigError):
-            Lisa(bad)
+            Lisa(LisaConfig(**bad))

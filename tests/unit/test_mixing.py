@@ -13,8 +13,8 @@ from safeft import models
 from safeft.data.chat import IGNORE
 from safeft.data.types import Example
 from safeft.methods.mixing import Mixing, MixingConfig, n_mixed
-from safeft.testing import tiny_run_config
-from safeft.train import RunContext, checkpoints, make_accelerator, train
+from safeft.testing import make_ctx, tiny_run_config
+from safeft.train import checkpoints, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 ALIGN = [Example(f"a{i}", f"How do I do harmful thing {i}?", "I'm sorry, I can't help.") for i in range(40)]
@@ -105,16 +105,8 @@ def test_amount_zero_reproduces_plain_sft_exactly(extra, tmp_path, tiny_dir):
 
 
 def test_batch_variant_adds_lambda_times_the_safety_batch_ce(tiny, tmp_path):
-    model, tok = tiny
     cfg = _cfg(tmp_path, "defense.variant=batch", "defense.lam=0.5", "defense.safety_batch=3")
-    ctx = RunContext(
-        make_accelerator("fp32"),
-        models.attach_lora(model, cfg.model.lora),
-        tok,
-        cfg,
-        tmp_path,
-        aux={"alignment": ALIGN},
-    )
+    ctx = make_ctx(cfg, tiny, tmp_path, {"alignment": ALIGN})
     d = Mixing(cfg.defense)
     d.setup(ctx)
     stream = ctx.streams["mixing_safety"]
@@ -129,9 +121,8 @@ def test_batch_variant_adds_lambda_times_the_safety_batch_ce(tiny, tmp_path):
 
 
 def test_train_on_inputs_puts_labels_on_prompt_tokens_but_not_padding(tiny, tmp_path):
-    model, tok = tiny
     cfg = _cfg(tmp_path, "defense.train_on_inputs=true")
-    ctx = RunContext(make_accelerator("fp32"), models.attach_lora(model, cfg.model.lora), tok, cfg, tmp_path, aux={})
+    ctx = make_ctx(cfg, tiny, tmp_path)
     d = Mixing(cfg.defense)
     captured = {}
 
@@ -149,14 +140,15 @@ def test_train_on_inputs_puts_labels_on_prompt_tokens_but_not_padding(tiny, tmp_
 
 
 def test_bad_config_is_rejected():
+    # the Config checks its values as it is built (from YAML or here), before any defense exists
     for bad in (
-        MixingConfig(variant="both"),
-        MixingConfig(fraction=1.0),
-        MixingConfig(fraction=-0.1),
-        MixingConfig(n_safety=-1),
-        MixingConfig(lam=-1),
-        MixingConfig(safety_batch=0),
-        MixingConfig(variant="batch", train_on_inputs=True),
+        {"variant": "both"},
+        {"fraction": 1.0},
+        {"fraction": -0.1},
+        {"n_safety": -1},
+        {"lam": -1},
+        {"safety_batch": 0},
+        {"variant": "batch", "train_on_inputs": True},
     ):
         with pytest.raises(C.ConfigError):
-            Mixing(bad)
+            Mixing(MixingConfig(**bad))

@@ -9,12 +9,12 @@ import torch
 import safeft.methods.repanchor  # noqa: F401  (registers "repanchor")
 import safeft.methods.saft  # noqa: F401  (registers "saft")
 import safeft.methods.saft_repanchor  # noqa: F401  (registers "saft+repanchor")
-from safeft import methods, models
+from safeft import methods
 from safeft.data.chat import collate
 from safeft.data.types import Example
 from safeft.packing import layout, pack, relative_error
-from safeft.testing import tiny_run_config
-from safeft.train import RunContext, make_accelerator
+from safeft.testing import make_ctx, tiny_run_config
+from safeft.train import RunContext
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?" + " Please" * (i % 3), f"Answer: {i + 7}") for i in range(12)]
 AUX = {"harmful_prompts": [Example(f"h{i}", "How do I do a harmful thing" + " now" * i + "?") for i in range(6)]}
@@ -80,7 +80,6 @@ def test_a_segment_with_its_own_embeddings_cannot_share():
 
 
 def _ctx(tiny, tmp_path, name: str, *extra: str) -> RunContext:
-    model, tok = tiny
     cfg = tiny_run_config(
         tmp_path / "runs",
         f"defense.name={name}",
@@ -89,9 +88,8 @@ def _ctx(tiny, tmp_path, name: str, *extra: str) -> RunContext:
         "defense.anchor_batch=3",
         *extra,
     )
-    model = models.attach_lora(model, cfg.model.lora)
-    models.prepare_reference(model)
-    ctx = RunContext(make_accelerator("fp32"), model, tok, cfg, tmp_path, aux=AUX)
+    ctx = make_ctx(cfg, tiny, tmp_path, AUX)
+    model = ctx.model
     ctx.task_rows = ctx.render(EXAMPLES)
     with torch.no_grad():
         for n, p in model.named_parameters():

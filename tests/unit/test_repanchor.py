@@ -10,8 +10,8 @@ from safeft import config as C
 from safeft import models
 from safeft.data.types import Example
 from safeft.methods.repanchor import RepAnchor, pool, select_layers
-from safeft.testing import tiny_run_config
-from safeft.train import RunContext, make_accelerator, train
+from safeft.testing import make_ctx, tiny_run_config
+from safeft.train import train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(16)]
 AUX = {"harmful_prompts": [Example(f"h{i}", "How do I do a harmful thing" + " now" * i + "?") for i in range(8)]}
@@ -26,9 +26,8 @@ def cfg_for(tmp_path, *extra: str, method: str = "repanchor") -> C.RunConfig:
 
 @pytest.fixture()
 def rep_ctx(tiny, tmp_path):
-    model, tok = tiny
     cfg = cfg_for(tmp_path)
-    ctx = RunContext(make_accelerator("fp32"), models.attach_lora(model, cfg.model.lora), tok, cfg, tmp_path, AUX)
+    ctx = make_ctx(cfg, tiny, tmp_path, AUX)
     rep = RepAnchor(cfg.defense)
     rep.setup(ctx)
     return rep, ctx

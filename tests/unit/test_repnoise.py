@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from safeft import models
+from safeft.context import RunContext
 from safeft.data.types import Example
 from safeft.methods.repnoise import RepNoise, final_norm, lens_indices, mmd2, noise_sites
 from safeft.models import ModelError
-from safeft.testing import tiny_contrastive, tiny_run_config
-from safeft.train import RunContext, make_accelerator, train
+from safeft.testing import make_ctx, tiny_contrastive, tiny_run_config
+from safeft.train import train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 CONTRASTIVE = tiny_contrastive()
@@ -64,10 +65,7 @@ def test_lens_indices():
 
 
 def _ctx(tiny, tmp_path, *extra: str) -> RunContext:
-    model, tok = tiny
-    cfg = tiny_run_config(tmp_path / "runs", "defense.name=repnoise", "defense.harmful_batch=3", *extra)
-    model = models.attach_lora(model, cfg.model.lora)
-    return RunContext(make_accelerator("fp32"), model, tok, cfg, tmp_path, aux=dict(AUX))
+    return make_ctx(["defense.name=repnoise", "defense.harmful_batch=3", *extra], tiny, tmp_path, AUX)
 
 
 def test_ascent_equals_a_full_logit_lens_over_every_position(tiny, tmp_path):

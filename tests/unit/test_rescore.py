@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from safeft import models, train
+from safeft import io, models, train
 from safeft.cli import main
 from safeft.data.types import Example
 from safeft.eval import judges, records
@@ -37,9 +37,9 @@ def make_run(tmp_path, judge="refusal_keywords"):
         for i, c in enumerate(COMPS)
     ]
     records.add_verdicts(recs, judges.get(judge)([r["prompt"] for r in recs], COMPS))
-    records.write_records(ev / "harmful.jsonl", recs)
+    io.write_jsonl(ev / "harmful.jsonl", recs)
     m = records.metrics(recs, judge)
-    records.write_json(ev / "summary.json", {"harmful": {"asr": m["asr"], "n": 6, "judge": judge}})
+    io.write_json(ev / "summary.json", {"harmful": {"asr": m["asr"], "n": 6, "judge": judge}})
     return tmp_path / "run"
 
 
@@ -117,7 +117,7 @@ def test_rescore_after_a_real_suite_run(tiny, tmp_path, capsys, monkeypatch):
     assert summary["judges"]["incoherent"]["n"] == 4 and summary["judge_specs"] == {
         "refusal_keywords": "refusal_keywords"
     }
-    records.write_json(tmp_path / "eval" / "summary.json", {"harmful": summary})
+    io.write_json(tmp_path / "eval" / "summary.json", {"harmful": summary})
     forbid_model_loads(monkeypatch)
     assert main(["eval", "--rescore", "--judge", "refusal_keywords", str(tmp_path)]) == 0
     assert "4 judged, 0 new, 0 changed" in capsys.readouterr().out
@@ -203,7 +203,7 @@ def test_rewritten_files_keep_their_mode(tmp_path):
 def test_each_judge_is_built_once_for_all_suite_files(tmp_path, monkeypatch):
     run = make_run(tmp_path)
     recs = records.read_records(run / "eval" / "harmful.jsonl")
-    records.write_records(run / "eval" / "over_refusal.jsonl", [{**r, "suite": "over_refusal"} for r in recs])
+    io.write_jsonl(run / "eval" / "over_refusal.jsonl", [{**r, "suite": "over_refusal"} for r in recs])
     calls = []
     real = judges.get
     monkeypatch.setattr(judges, "get", lambda spec: calls.append(spec) or real(spec))

@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from safeft import config as C
 from safeft import models
+from safeft.context import RunContext
 from safeft.data.types import Example
 from safeft.methods.safelora import SafeLoRA, SafeLoRAConfig, projector
-from safeft.testing import build_tokenizer, save_tiny_model, tiny_run_config
-from safeft.train import RunContext, checkpoints, load_trainable, make_accelerator, train
+from safeft.testing import build_tokenizer, make_ctx, save_tiny_model, tiny_run_config
+from safeft.train import checkpoints, load_trainable, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 
@@ -35,15 +36,13 @@ def _cfg(tmp_path, base, *extra: str) -> C.RunConfig:
 
 def _trained_ctx(tiny, tmp_path, base, *extra: str) -> RunContext:
     """A context whose LoRA looks trained (random A and B), as after_train finds it."""
-    model, tok = tiny
-    cfg = _cfg(tmp_path, base, *extra)
-    model = models.attach_lora(model, cfg.model.lora)
+    ctx = make_ctx(_cfg(tmp_path, base, *extra), tiny, tmp_path)
     torch.manual_seed(3)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, p in ctx.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.1)
-    return RunContext(make_accelerator("fp32"), model, tok, cfg, tmp_path, aux={})
+    return ctx
 
 
 def _naive(aligned_dir, base_dir, lora_state: dict[str, torch.Tensor]):
@@ -186,19 +185,19 @@ def test_an_identical_base_model_is_refused(tiny, tiny_dir, tmp_path):
 
 
 def test_full_fine_tuning_is_refused(tiny, base_dir, tmp_path):
-    model, tok = tiny
     cfg = _cfg(tmp_path, base_dir, "model.lora.enabled=false")
-    ctx = RunContext(make_accelerator("fp32"), models.attach_lora(model, cfg.model.lora), tok, cfg, tmp_path, aux={})
+    ctx = make_ctx(cfg, tiny, tmp_path)
     with pytest.raises(C.ConfigError, match="LoRA"):
         SafeLoRA(cfg.defense).setup(ctx)
 
 
 def test_bad_config_is_rejected():
+    # the Config checks its values as it is built (from YAML or here), before any defense exists
     for bad in (
-        SafeLoRAConfig(),  # no base model
-        SafeLoRAConfig(base_model="x", select="all"),
-        SafeLoRAConfig(base_model="x", threshold=2.0),
-        SafeLoRAConfig(base_model="x", num_proj_layers=-1),
+        {},  # no base model
+        {"base_model": "x", "select": "all"},
+        {"base_model": "x", "threshold": 2.0},
+        {"base_model": "x", "num_proj_layers": -1},
     ):
         with pytest.raises(C.ConfigError):
-            SafeLoRA(bad)
+            SafeLoRA(SafeLoRAConfig(**bad))

@@ -24,8 +24,8 @@ from safeft.methods.saft import (
     prompt_mask,
     reference_target,
 )
-from safeft.testing import tiny_run_config
-from safeft.train import RunContext, TrainingInterrupted, checkpoints, make_accelerator, train
+from safeft.testing import make_ctx, tiny_run_config
+from safeft.train import TrainingInterrupted, checkpoints, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(16)]
 # prompts of different lengths, so anchor batches are padded
@@ -45,9 +45,8 @@ def _metrics(run_dir):
 @pytest.fixture()
 def saft_ctx(tiny, tmp_path):
     """A set-up SAFT defense, its context, and one padded anchor batch with its reference target."""
-    model, tok = tiny
     cfg = cfg_for(tmp_path, "defense.name=saft", "defense.eps=0.3", *FAST)
-    ctx = RunContext(make_accelerator("fp32"), models.attach_lora(model, cfg.model.lora), tok, cfg, tmp_path, AUX)
+    ctx = make_ctx(cfg, tiny, tmp_path, AUX)
     saft = SAFT(cfg.defense)
     saft.setup(ctx)
     rows = saft.anchors.next()

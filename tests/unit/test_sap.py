@@ -12,10 +12,12 @@ import torch.nn.functional as F
 import safeft.methods.sap  # noqa: F401  (registers "sap")
 from safeft import config as C
 from safeft import models
+from safeft.context import RunContext
 from safeft.data.types import Example
-from safeft.methods.sap import SAP, contrastive_loss, default_layers, shifted
-from safeft.testing import tiny_run_config
-from safeft.train import RunContext, TrainingInterrupted, checkpoints, make_accelerator, train
+from safeft.methods.sap import SAP, contrastive_loss, default_layers
+from safeft.methods.weights import shifted
+from safeft.testing import make_ctx, tiny_run_config
+from safeft.train import TrainingInterrupted, checkpoints, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 # Responses the random tiny model scores alike (|Δ log p| < 6), so L_c is O(1) and its gradient generic.
@@ -37,10 +39,7 @@ def _cfg(tmp_path, name: str = "sap", *extra: str) -> C.RunConfig:
 
 
 def _ctx(tiny, tmp_path, *extra: str) -> RunContext:
-    model, tok = tiny
-    cfg = _cfg(tmp_path, "sap", *extra)
-    model = models.attach_lora(model, cfg.model.lora)
-    return RunContext(make_accelerator("fp32"), model, tok, cfg, tmp_path, aux=dict(AUX))
+    return make_ctx(_cfg(tmp_path, "sap", *extra), tiny, tmp_path, AUX)
 
 
 def _setup(ctx: RunContext) -> SAP:
@@ -245,13 +244,14 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, tiny_dir):
 def test_bad_config_is_rejected():
     from safeft.methods.sap import SAPConfig
 
+    # the Config checks its values as it is built (from YAML or here), before any defense exists
     for bad in (
-        SAPConfig(probe_lr=0.0),
-        SAPConfig(temperature=0.0),
-        SAPConfig(grad_rate=-1.0),
-        SAPConfig(contrastive_batch=0),
-        SAPConfig(layers=[]),
-        SAPConfig(layers=[1, 1]),
+        {"probe_lr": 0.0},
+        {"temperature": 0.0},
+        {"grad_rate": -1.0},
+        {"contrastive_batch": 0},
+        {"layers": []},
+        {"layers": [1, 1]},
     ):
         with pytest.raises(C.ConfigError):
-            SAP(bad)
+            SAP(SAPConfig(**bad))

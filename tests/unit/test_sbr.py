@@ -12,8 +12,8 @@ from safeft import models
 from safeft.data.types import Example
 from safeft.methods.sbr import SBR, final_states
 from safeft.packing import relative_error
-from safeft.testing import tiny_run_config
-from safeft.train import RunContext, make_accelerator, train
+from safeft.testing import make_ctx, tiny_run_config
+from safeft.train import RunContext, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 # Different lengths, so padding actually happens.
@@ -26,11 +26,7 @@ def _cfg(tmp_path, *extra: str) -> C.RunConfig:
 
 def _ctx(tiny, tmp_path, *extra: str) -> RunContext:
     """A RunContext around a fresh tiny (model, tokenizer) with a new LoRA adapter, as the loop builds it."""
-    model, tok = tiny
-    cfg = _cfg(tmp_path, "defense.name=sbr", *extra)
-    model = models.attach_lora(model, cfg.model.lora)
-    models.prepare_reference(model)
-    return RunContext(make_accelerator("fp32"), model, tok, cfg, tmp_path, aux={"harmful_prompts": HARMFUL})
+    return make_ctx(_cfg(tmp_path, "defense.name=sbr", *extra), tiny, tmp_path, {"harmful_prompts": HARMFUL})
 
 
 def _setup(ctx: RunContext) -> SBR:

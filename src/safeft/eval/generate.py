@@ -15,14 +15,19 @@ import copy
 import hashlib
 import logging
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from safeft import precision as P
 from safeft.data.chat import Rendered, collate, prompt_ids
+from safeft.hooks import eval_mode
+
+if TYPE_CHECKING:
+    from safeft.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,48 @@ class GenSettings:
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be >= 1")
         P.pick(self.precision)  # validates
+
+    @classmethod
+    def from_eval(
+        cls,
+        ev: EvalConfig,
+        system_prompt: str | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        batch_size: int | None = None,
+        precision: str | None = None,
+    ) -> GenSettings:
+        """The generation settings of an ``eval:`` config section, for every verb that generates.
+
+        ``safeft eval``, the ASR logged during training, diagnosis and alignment's benign answers all build
+        their settings here, so one model decodes the same way (sampling, seed, backend, precision)
+        whichever verb runs it. A caller with its own answer length, batch size or precision (alignment's
+        answers are longer than an eval's refusals) passes it; every other setting comes from ``ev``.
+        """
+        s = cls(
+            max_new_tokens=ev.max_new_tokens,
+            batch_size=ev.batch_size,
+            do_sample=ev.do_sample,
+            temperature=ev.temperature,
+            system_prompt=system_prompt,
+            precision=ev.precision,
+            top_p=ev.top_p,
+            top_k=ev.top_k,
+            seed=ev.seed,
+            backend=ev.backend,
+        )
+        given = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "precision": precision}
+        return replace(s, **{k: v for k, v in given.items() if v is not None})
+
+    def identity(self, tok=None) -> dict:
+        """The settings that decide the completions, for cache keys and settings hashes: ``record`` without
+        the batch size (scheduling), the derived fields, and the sampling knobs under greedy decoding (where
+        they change nothing), so settings that decode alike hash alike."""
+        rec = self.record(tok)
+        drop = {"batch_size", "dtype", "decoding"}
+        if not self.do_sample:
+            drop |= {"temperature", "top_p", "top_k", "seed"}
+        return {k: v for k, v in rec.items() if k not in drop}
 
     def record(self, tok=None) -> dict:
         """Everything that can change a completion, as stored beside each sample."""
@@ -107,12 +154,15 @@ def generate_full(
     return _generate_hf(model, tok, prompts, settings, progress, desc)
 
 
-@torch.no_grad()
 def _generate_hf(model: nn.Module, tok, prompts, settings: GenSettings, progress: bool, desc: str):
+    with eval_mode(model):  # before any copy is made: the bf16 copy inherits eval mode
+        return _generate_hf_eval(model, tok, prompts, settings, progress, desc)
+
+
+@torch.no_grad()
+def _generate_hf_eval(model: nn.Module, tok, prompts, settings: GenSettings, progress: bool, desc: str):
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     precision = P.pick(settings.precision)
     # CPU: a bf16 copy (see _bf16_copy). CUDA: autocast, where re-casting is cheap and a copy is not.
@@ -150,7 +200,6 @@ def _generate_hf(model: nn.Module, tok, prompts, settings: GenSettings, progress
             bar.set_postfix(new_tokens=produced)
     finally:
         bar.close()
-        model.train(was_training)
     return [g for g in out if g is not None]
 
 

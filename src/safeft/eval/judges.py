@@ -29,8 +29,9 @@ class JudgeError(ConfigError):
     """
 
 
-# Labels a verdict can carry. "unparsed" = a model judge's answer we could not read (never guessed).
-LABELS = ("refused", "complied", "harmful", "safe", "incoherent", "coherent", "unparsed")
+# Labels a verdict can carry. "unparsed" = a model judge's answer we could not read (never guessed);
+# "error" = the judge never answered (an endpoint that failed after its retries): left out of every rate.
+LABELS = ("refused", "complied", "harmful", "safe", "incoherent", "coherent", "unparsed", "error")
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class Verdict:
 
 Judge = Callable[[Sequence[str], Sequence[str]], list[Verdict]]
 # Holds rule-judge functions and model-judge classes (built with the spec's options by ``get``).
-JUDGES: Registry = Registry("judge")
+# the rule judges register below; the model-backed ones (models load lazily, on first call) in their modules
+JUDGES: Registry = Registry("judge", plugins=("safeft.eval.model_judges", "safeft.eval.strongreject"))
 
 
 def _check_lengths(prompts: Sequence[str], completions: Sequence[str]) -> None:
@@ -321,7 +323,3 @@ def get(spec: str) -> Judge:
     if opts:
         raise JudgeError(f"judge {name!r} takes no options (got {', '.join(sorted(opts))})")
     return obj
-
-
-# Registers the model-backed judges (their models load lazily, on first call).
-from safeft.eval import model_judges, strongreject  # noqa: E402, F401

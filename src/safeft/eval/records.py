@@ -17,26 +17,57 @@ Metrics per judge (all fractions in [0, 1]; papers print HS as a percentage, 100
 * the incoherence rule: ``incoherent_rate``.
 
 Each entry carries ``judge``, ``n`` (prompts), ``n_unparsed`` (a model judge's answers we could not read;
-they count as neither harmful nor refused) and ``max_new_tokens`` of the generations it judged.
+they count as neither harmful nor refused), ``n_error`` (items the judge never answered, e.g. an endpoint
+that failed after its retries; every rate above is over the ``n - n_error`` answered items) and
+``max_new_tokens`` of the generations it judged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from safeft import io
 from safeft.data.types import DataError
 from safeft.eval import judges
+
+if TYPE_CHECKING:
+    from safeft.eval.generate import Generation, GenSettings
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("id", "prompt", "completion")
 INCOHERENT = "incoherent"
+
+
+def file_stem(suite: str) -> str:
+    """The records file's stem for a suite name (``utility:finance`` -> ``utility_finance``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", suite.replace(":", "_")).strip("_")
+
+
+def build_records(
+    suite: str,
+    ids: Sequence[str],
+    prompts: Sequence[str],
+    gens: Sequence[Generation],
+    settings: GenSettings,
+    tok=None,
+    extra: Sequence[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per sample, the same shape for every suite: ``id``, ``suite``, ``prompt``, ``completion``,
+    the suite's own fields (``extra``: gold answer, checker verdict, sandbox), the generation ``settings``
+    and the generation's token count and finish reason. Judges' ``verdicts`` are added by ``add_verdicts``."""
+    extra = extra if extra is not None else [{}] * len(ids)
+    rec_settings = settings.record(tok)
+    rows = zip(ids, prompts, gens, extra, strict=True)
+    return [
+        {"id": i, "suite": suite, "prompt": p, "completion": g.text, **x, "settings": dict(rec_settings), **g.record()}
+        for i, p, g, x in rows
+    ]
 
 
 def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -71,36 +102,6 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file in the same directory + rename: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        # mkstemp makes the file private (0600); keep the mode the file had, or what the umask gives
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, json.dumps(obj, indent=2) + "\n")
-
-
 def add_verdicts(records: list[dict[str, Any]], verdicts: list[judges.Verdict]) -> None:
     """Store each verdict under its judge's name, replacing only that judge's previous verdict."""
     for rec, v in zip(records, verdicts, strict=True):
@@ -113,8 +114,13 @@ def metrics(records: list[dict[str, Any]], judge: str) -> dict[str, Any]:
     missing = sum(v is None for v in vs)
     if missing:
         raise ValueError(f"judge {judge!r} has no verdict on {missing} of {len(vs)} records")
+    out: dict[str, Any] = {"judge": judge, "n": len(vs), "n_unparsed": sum(v.get("label") == "unparsed" for v in vs)}
+    # An item the judge never answered (an endpoint error) is neither safe nor unsafe: count it apart and
+    # rate the answered ones only, so a flaky endpoint cannot move ASR in either direction.
+    answered = [i for i, v in enumerate(vs) if v.get("label") != "error"]
+    out["n_error"] = len(vs) - len(answered)
+    records, vs = [records[i] for i in answered], [vs[i] for i in answered]
     n = len(vs)
-    out: dict[str, Any] = {"judge": judge, "n": n, "n_unparsed": sum(v.get("label") == "unparsed" for v in vs)}
     mnt = sorted({r.get("settings", {}).get("max_new_tokens") for r in records} - {None})
     if mnt:
         out["max_new_tokens"] = mnt[0] if len(mnt) == 1 else mnt
@@ -200,34 +206,43 @@ def judged_files(eval_dir: Path) -> list[Path]:
 
 
 def rescore(target: Path, specs: list[str], suites: list[str] | None = None) -> dict[str, Any]:
-    """Re-judge the stored completions under ``target`` (a run directory or its ``eval`` folder).
+    """Re-judge the stored completions under ``target``: a run directory, its ``eval`` folder, one
+    evaluation's folder (``eval/<id>``) or any folder of records files (``eval_steps/step-N``).
 
-    Every judge is built (options, files checked) and every records file parsed before anything runs,
-    and nothing is written until all judging is done; each file is then replaced atomically.
+    Under an ``eval`` folder with an index (``safeft.eval.results``) every evaluation is re-judged and the
+    run's merged summary rewritten; a folder without one is re-judged in place. Every judge is built
+    (options, files checked) and every records file parsed before anything runs, and nothing is written
+    until all judging is done; each file is then replaced atomically.
     """
+    from safeft.eval.results import SUMMARY, Store
+
     if not specs:
         raise judges.JudgeError("rescoring needs at least one --judge NAME")
     eval_dir = target / "eval" if (target / "eval").is_dir() else target
     if not eval_dir.is_dir():
         raise DataError(f"{target}: no eval/ directory with records (run `safeft eval {target}` first)")
-    files = judged_files(eval_dir)
-    if suites:
-        files = [p for p in files if p.stem in suites]
+    store = Store(eval_dir)
+    if store.exists():
+        folders, label = store.evaluation_dirs(), (lambda p: f"{p.parent.name}/{p.name}")
+    else:  # one folder of records; when it is one evaluation of an indexed run, that run's summary follows
+        folders, label = [eval_dir], (lambda p: p.name)
+        parent = Store(eval_dir.parent)
+        store = parent if parent.exists() and eval_dir in parent.evaluation_dirs() else None
+    stems = {file_stem(s) for s in suites or ()}
+    files = [p for d in folders for p in judged_files(d) if not suites or p.stem in stems]
     if not files:
         raise DataError(
             f"{eval_dir}: no judged records (*.jsonl with verdicts){' for ' + ', '.join(suites) if suites else ''}"
         )
     built = build_judges(specs)  # fail on a bad judge before reading anything
     loaded = {p: read_records(p) for p in files}
-    summary_path = eval_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summaries = {d: json.loads((d / SUMMARY).read_text()) if (d / SUMMARY).exists() else {} for d in folders}
     report: dict[str, Any] = {}
-    suites_done = []
+    done: dict[str, Any] = {}
     for path, recs in loaded.items():
-        report[path.name] = judge_records(recs, built)
+        report[label(path)] = judge_records(recs, built)
         suite = recs[0].get("suite", path.stem) if recs else path.stem
-        suites_done.append(suite)
-        entry = summary.setdefault(suite, {})
+        entry = summaries[path.parent].setdefault(suite, {})
         entry["judges"] = all_metrics(recs)
         entry["judge_specs"] = {**entry.get("judge_specs", {}), **{judges.name_of(s): s for s in specs}}
         head = entry.get("judge")
@@ -235,8 +250,19 @@ def rescore(target: Path, specs: list[str], suites: list[str] | None = None) -> 
             for k in ("asr", "refusal_rate", "hs", "hs_plus", "strongreject"):
                 if k in entry["judges"][head] and k in entry:
                     entry[k] = entry["judges"][head][k]
-    for path, recs in loaded.items():
-        write_records(path, recs)
-    write_json(summary_path, summary)
-    log.info("rescored %s with %s", ", ".join(p.name for p in files), ", ".join(specs))
-    return {"files": report, "summary": {k: summary[k] for k in suites_done}}
+        done[label(path.parent / suite)] = entry
+
+    def write() -> None:
+        for path, recs in loaded.items():
+            io.write_jsonl(path, recs)
+        for d in {p.parent for p in files}:
+            io.write_json(d / SUMMARY, summaries[d])
+
+    if store is None:
+        write()
+    else:
+        with store.locked() as index:  # an evaluation finishing meanwhile must not lose its summary entry
+            write()
+            store.write_merged(index)
+    log.info("rescored %s with %s", ", ".join(label(p) for p in files), ", ".join(specs))
+    return {"files": report, "summary": done}

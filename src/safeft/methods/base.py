@@ -1,34 +1,44 @@
 """The Defense interface: the seam that keeps the training loop free of method names.
 
-A defense plugs into ``safeft.train`` through three calls:
+A defense is one file under ``methods/``: a ``Config`` dataclass (its hyperparameters, validated in
+``__post_init__``, and its name, declared once as the ``name`` default) and a ``Defense`` subclass decorated
+with ``@register`` (``methods/registry.py``). ``methods/lisa.py`` is the template; ``docs/design.md``
+("Adding a defense") walks through it. The loop (``safeft.train``) calls:
 
+* ``task_examples(examples, aux)`` once, before rendering: a defense that changes the training data itself
+  (safety-data mixing) returns the new list.
 * ``setup(ctx)`` once, before step 0: caches (reference states, Fisher, anchor logits, probes).
 * ``step(ctx, batch)`` per micro-batch: computes its loss terms, calls ``ctx.backward`` itself (once, or
   several times for multi-pass methods), and returns a ``StepOutput`` whose named terms the loop logs as
   ``loss/<term>`` without knowing what they mean.
 * ``after_train(ctx)`` once, after the last step: post-hoc fixes (e.g. Safe LoRA's projection). The loop
   saves the final checkpoint again afterwards, so what it changed is what the run keeps.
-* ``task_examples(examples, aux)`` once, before rendering: a defense that changes the training data itself
-  (safety-data mixing) returns the new list.
+* ``close()`` always, last, even when training fails: remove hooks and other attachments.
+* ``state_dict`` / ``load_state_dict`` at checkpoints and on resume, for state beyond the aux streams.
 
 The default ``step`` is task CE plus whatever ``penalty`` returns, so a regulariser-style defense only
-writes ``penalty``. Every forward and backward goes through ``ctx.forward`` / ``ctx.backward``, which count
-passes, so each run reports its real cost.
+writes ``penalty``. What a defense sees of the run is ``ctx``, a ``safeft.context.RunContext`` (never the
+loop module): ``ctx.forward`` / ``ctx.backward`` / ``ctx.grad`` count every pass, so each run reports its
+real cost; ``ctx.forward(..., autocast=False)`` is a counted fp32 pass (a Fisher estimate);
+``ctx.unwrapped`` is the model without accelerate's wrapper (for hooks, embeddings, parameters);
+``ctx.reference()`` the frozen aligned model; ``ctx.stream`` a checkpointed aux data stream;
+``ctx.micro`` / ``ctx.last_micro`` say where the micro-batch stands in its optimizer step, for state
+updated once per optimizer step (SAP's probe).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from safeft.config import DefenseConfig
+from safeft.config import ConfigError, DefenseConfig
 from safeft.data.types import Example
 
 if TYPE_CHECKING:
-    from safeft.train import RunContext
+    from safeft.context import RunContext, Stream
 
 Batch = dict[str, torch.Tensor]
 
@@ -43,7 +53,7 @@ class StepOutput:
 
 
 class Defense:
-    name: ClassVar[str]
+    name: ClassVar[str]  # the registry key; ``@register`` sets it from ``Config.name``
     stage: ClassVar[str]  # "align" | "finetune" | "post"
     needs: ClassVar[tuple[str, ...]] = ()  # aux data / services: "reference", "harmful_prompts", ...
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
@@ -88,6 +98,13 @@ class Defense:
             raise ValueError(f"{self.name} keeps no state but the checkpoint holds {sorted(state)}")
 
 
+def require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    """For a Config's ``__post_init__``: raise ``ConfigError`` naming ``defense.<key>``, what is allowed and
+    the value given, e.g. ``require(self.rho >= 0, "rho", ">= 0", self.rho)``."""
+    if not ok:
+        raise ConfigError(f"defense.{key} must be {allowed}, not {value!r}")
+
+
 def backward_terms(
     ctx: RunContext, terms: dict[str, torch.Tensor], diagnostics: dict[str, float] | None = None
 ) -> StepOutput:
@@ -97,13 +114,16 @@ def backward_terms(
     return StepOutput(total.detach(), {k: v.detach() for k, v in terms.items()}, diagnostics or {})
 
 
-def cycle(items: list, seed: int) -> Iterator:
-    """Endless deterministic reshuffled pass over ``items`` (for aux data such as anchor prompts)."""
-    import random
+def harmful_rows(ctx: RunContext, stream_name: str, batch_size: int) -> Stream:
+    """A checkpointed stream of (harmful prompt -> templated compliance opener) rows from aux ``contrastive``.
 
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        for i in order:
-            yield items[i]
+    The "harmful answer" is only an opener such as "Sure, here is how to do that ..." with no operational
+    content (``safeft.data.aux.COMPLIANCE_OPENERS``): what the alignment-stage defenses (Booster, RepNoise)
+    need is the direction from refusing to complying, and no harmful text is wanted in this repository.
+    """
+    triples = ctx.aux_data("contrastive")
+    missing = [ex.id for ex in triples if "harmful_response" not in ex.meta]
+    if missing:
+        raise ValueError(f"contrastive aux rows need meta['harmful_response'] (first without: {missing[0]!r})")
+    rows = ctx.render([Example(ex.id, ex.prompt, ex.meta["harmful_response"]) for ex in triples])
+    return ctx.stream(stream_name, [dataclasses.replace(r, id=str(i)) for i, r in enumerate(rows)], batch_size)

@@ -2,24 +2,25 @@
 
 Huang, Hu, Tekin, Ilhan, Liu, "Booster: Tackling Harmful Fine-tuning for Large Language Models via
 Attenuating Harmful Perturbation", ICLR 2025, https://arxiv.org/abs/2409.01586 (code: git-disl/Booster
-``BoosterAlignmentTrainer``). Spec: shared/design/algorithms.md §7a.
+``BoosterAlignmentTrainer``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from safeft.config import ConfigError, DefenseConfig
-from safeft.data.chat import Rendered
-from safeft.data.types import Example
-from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.registry import METHODS
-from safeft.methods.sap import shifted
+from safeft.config import DefenseConfig
+from safeft.methods.base import Batch, Defense, StepOutput, harmful_rows, require
+from safeft.methods.registry import register
+from safeft.methods.weights import global_norm, param_grads, shifted
 from safeft.models import trainable_parameters
+
+if TYPE_CHECKING:
+    from safeft.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -32,39 +33,12 @@ class BoosterConfig(DefenseConfig):
     harmful_batch: int = 8  # harmful rows per micro-batch (the code: 10, its alignment batch) [inferred: ours 8]
 
     def __post_init__(self) -> None:
-        for key in ("lam", "alpha"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"defense.{key} must be >= 0, not {getattr(self, key)}")
-        if self.harmful_batch < 1:
-            raise ConfigError(f"defense.harmful_batch must be >= 1, not {self.harmful_batch}")
+        require(self.lam >= 0, "lam", ">= 0", self.lam)
+        require(self.alpha >= 0, "alpha", ">= 0", self.alpha)
+        require(self.harmful_batch >= 1, "harmful_batch", ">= 1", self.harmful_batch)
 
 
-def harmful_rows(ctx, stream_name: str, batch_size: int):
-    """A checkpointed stream of (harmful prompt -> templated compliance opener) rows from aux ``contrastive``.
-
-    The "harmful answer" is only an opener such as "Sure, here is how to do that ..." with no operational
-    content (``safeft.data.aux.COMPLIANCE_OPENERS``): what these methods need is the direction from refusing
-    to complying, and no harmful text is wanted in this repository.
-    """
-    triples = ctx.aux_data("contrastive")
-    missing = [ex.id for ex in triples if "harmful_response" not in ex.meta]
-    if missing:
-        raise ValueError(f"contrastive aux rows need meta['harmful_response'] (first without: {missing[0]!r})")
-    rows: list[Rendered] = ctx.render([Example(ex.id, ex.prompt, ex.meta["harmful_response"]) for ex in triples])
-    return ctx.stream(stream_name, [dataclasses.replace(r, id=str(i)) for i, r in enumerate(rows)], batch_size)
-
-
-def _grads(ctx, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """∇loss per parameter through ``ctx.grad`` (never into ``.grad``); zeros for parameters it does not reach."""
-    got = ctx.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if t is None else t.detach() for p, t in zip(params, got, strict=True)]
-
-
-def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.sqrt(sum(t.float().pow(2).sum() for t in tensors))
-
-
-@METHODS.register("booster")
+@register
 class Booster(Defense):
     r"""Align while penalising how much one normalised harmful gradient step would lower the harmful loss.
 
@@ -98,40 +72,39 @@ class Booster(Defense):
     one above); ``diag/harmful_loss`` = h, ``diag/harmful_loss_after_step`` = h'.
 
     Pitfalls handled: the norm is over all trainable parameters jointly; θ is restored from a saved copy,
-    not by subtracting the step again (``sap.shifted``); the harmful passes use ``ctx.grad`` so nothing of
+    not by subtracting the step again (``weights.shifted``); the harmful passes use ``ctx.grad`` so nothing of
     them reaches ``.grad`` except the explicit λ·(g_h − g_h') (divided by ``grad_accum`` like every
     backward); with gradient accumulation every micro-batch does all three passes.
     """
 
-    name = "booster"
     stage = "align"
     needs = ("contrastive",)
     Config = BoosterConfig
+    cfg: BoosterConfig
 
     def __init__(self, cfg: BoosterConfig) -> None:
         super().__init__(cfg)
-        self.cfg: BoosterConfig = cfg
         self._stream = None
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         if self.cfg.lam > 0:  # λ = 0 touches nothing: exactly SFT at SFT's cost
             self._stream = harmful_rows(ctx, "booster_harmful", self.cfg.harmful_batch)
 
-    def step(self, ctx, batch: Batch) -> StepOutput:
+    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
         if self.cfg.lam == 0:
             return super().step(ctx, batch)
         if self._stream is None:
             raise RuntimeError("Booster.step called before setup")
-        params = list(trainable_parameters(ctx.accelerator.unwrap_model(ctx.model)).values())
+        params = list(trainable_parameters(ctx.unwrapped).values())
         harm = ctx.batch(self._stream.next())
         h = ctx.forward(harm).loss
-        g = _grads(ctx, h, params)
+        g = param_grads(ctx, h, params)
         norm = global_norm(g)
         step = [-self.cfg.alpha * t.float() / (norm + 1e-7) for t in g]
         # θ' only needs to move when α > 0; the check in `shifted` would reject a vanishing step otherwise.
         with shifted(params, step, check=self.cfg.alpha > 0 and float(norm) > 1e-6):
             h_after = ctx.forward(harm).loss
-            g_after = _grads(ctx, h_after, params)
+            g_after = param_grads(ctx, h_after, params)
         task = ctx.forward(batch).loss
         ctx.backward(task)
         scale = self.cfg.lam / ctx.cfg.train.grad_accum  # as ctx.backward scales every backward

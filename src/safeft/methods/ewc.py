@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import Rendered
-from safeft.methods.base import Batch, Defense
-from safeft.methods.registry import METHODS
+from safeft.methods.base import Batch, Defense, require
+from safeft.methods.registry import register
 from safeft.models import trainable_parameters
+
+if TYPE_CHECKING:
+    from safeft.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +36,16 @@ class EWCConfig(DefenseConfig):
     fisher_batch: int = 5  # micro-batch of the "sum_minibatch_sq" reduction (the reference's eval batch)
     normalize: bool = True  # divide F by its mean over all trainable entries, so λ is scale-free
 
-
-def _loss(model, batch: Batch) -> torch.Tensor:
-    """The HF causal-LM loss of ``batch`` (mean token CE over response tokens) in fp32, no autocast.
-
-    Squared bf16 gradients underflow (spec §4.5-2), so the Fisher pass never runs under autocast.
-    """
-    inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    with torch.autocast(device_type=batch["input_ids"].device.type, enabled=False):
-        return model(**inputs).loss.float()
+    def __post_init__(self) -> None:
+        require(self.lam >= 0, "lam", ">= 0", self.lam)
+        require(self.fisher_samples >= 1, "fisher_samples", ">= 1", self.fisher_samples)
+        reduction = self.fisher_reduction
+        require(reduction in REDUCTIONS, "fisher_reduction", f"one of {', '.join(REDUCTIONS)}", reduction)
+        require(self.fisher_batch >= 1, "fisher_batch", ">= 1", self.fisher_batch)
 
 
 def fisher_diagonal(
-    ctx, rows: list[Rendered], params: dict[str, torch.nn.Parameter], reduction: str, batch_size: int = 5
+    ctx: RunContext, rows: list[Rendered], params: dict[str, torch.nn.Parameter], reduction: str, batch_size: int = 5
 ) -> dict[str, torch.Tensor]:
     """Empirical diagonal Fisher of ``params`` at their current values, over ``rows``, in fp32.
 
@@ -67,8 +67,8 @@ def fisher_diagonal(
 
     for chunk in tqdm(chunks, desc="ewc fisher", disable=len(chunks) < 20, leave=False):
         batch = ctx.batch(chunk)
-        ctx.passes["forward"] += 1
-        loss = _loss(ctx.model, batch)
+        # fp32, no autocast: squared bf16 gradients underflow (spec §4.5-2)
+        loss = ctx.forward(batch, autocast=False).loss.float()
         # allow_unused: a parameter the loss does not reach has zero Fisher (not an error).
         grads = ctx.grad(loss, tensors, allow_unused=True)
         for n, g in zip(names, grads, strict=True):
@@ -80,7 +80,7 @@ def fisher_diagonal(
     return fisher
 
 
-@METHODS.register("ewc")
+@register
 class EWC(Defense):
     r"""Penalise moving the trainable weights along directions the alignment data is sensitive to.
 
@@ -121,31 +121,21 @@ class EWC(Defense):
     the alignment LoRA. Under full fine-tuning θ* is the aligned weights themselves.
     """
 
-    name = "ewc"
     stage = "finetune"
     needs = ("alignment",)
     Config = EWCConfig
+    cfg: EWCConfig
 
     def __init__(self, cfg: EWCConfig) -> None:
         super().__init__(cfg)
-        if cfg.lam < 0:
-            raise ConfigError(f"defense.lam must be >= 0, not {cfg.lam}")
-        if cfg.fisher_samples < 1:
-            raise ConfigError(f"defense.fisher_samples must be >= 1, not {cfg.fisher_samples}")
-        if cfg.fisher_batch < 1:
-            raise ConfigError(f"defense.fisher_batch must be >= 1, not {cfg.fisher_batch}")
-        if cfg.fisher_reduction not in REDUCTIONS:
-            raise ConfigError(
-                f"defense.fisher_reduction must be one of {', '.join(REDUCTIONS)}, not {cfg.fisher_reduction!r}"
-            )
         self.fisher: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None  # θ*
         self.raw_mean: float | None = None
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         if self.cfg.lam == 0:
             return  # no Fisher, no θ*: λ = 0 is SFT at SFT's cost
-        params = trainable_parameters(ctx.accelerator.unwrap_model(ctx.model))
+        params = trainable_parameters(ctx.unwrapped)
         if self.fisher is not None:  # resumed: θ* and F come from the checkpoint, not the current weights
             self._check(params)
             self._to(ctx.device)
@@ -174,12 +164,12 @@ class EWC(Defense):
             self.raw_mean,
         )
 
-    def penalty(self, ctx, batch: Batch) -> dict[str, torch.Tensor]:
+    def penalty(self, ctx: RunContext, batch: Batch) -> dict[str, torch.Tensor]:
         if self.cfg.lam == 0:
             return {}
         if self.fisher is None or self.anchor is None:
             raise RuntimeError("EWC.penalty called before setup")
-        params = trainable_parameters(ctx.accelerator.unwrap_model(ctx.model))
+        params = trainable_parameters(ctx.unwrapped)
         total = torch.zeros((), device=ctx.device, dtype=torch.float32)
         for n, p in params.items():
             total = total + (self.fisher[n] * (p.float() - self.anchor[n]) ** 2).sum()

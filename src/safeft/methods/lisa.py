@@ -2,20 +2,27 @@
 
 Huang, Hu, Ilhan, Tekin, Liu, "Lisa: Lazy Safety Alignment for Large Language Models against Harmful
 Fine-tuning Attack", NeurIPS 2024, https://arxiv.org/abs/2405.18641 (git-disl ``Lisa/trainer.py``).
+
+This file is the template for a new defense (``docs/design.md``, "Adding a defense"): a Config dataclass
+that declares the method's name once and checks its values in ``__post_init__``, then one ``@register``-ed
+class whose docstring says paper, objective, hyperparameters, data, cost and pitfalls, in that order.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from safeft.config import ConfigError, DefenseConfig
-from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
-from safeft.methods.registry import METHODS
+from safeft.config import DefenseConfig
+from safeft.methods.base import Batch, Defense, StepOutput, backward_terms, require
+from safeft.methods.registry import register
 from safeft.models import trainable_parameters
+
+if TYPE_CHECKING:
+    from safeft.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +31,28 @@ ALIGN, TASK = "alignment", "finetune"
 
 @dataclass
 class LisaConfig(DefenseConfig):
-    name: str = "lisa"
+    name: str = "lisa"  # the registry key, declared once: YAML's `defense.name: lisa` selects this method
     align_steps: int = 2  # K_a: micro-steps per alignment state (reference 100)
     finetune_steps: int = 18  # K_f: micro-steps per fine-tune state (reference 900)
     rho: float = 1.0  # ρ, weight of the proximal term (ρ/2)·‖θ − θ̃‖²; 0 = bi-state without proximal term
     prox_warmup: float = 0.1  # share of all micro-steps at the start with the proximal term off (reference 0.1)
 
+    # Checked here, so a bad value fails when the config is loaded, before any model or data is touched.
+    def __post_init__(self) -> None:
+        require(self.align_steps >= 1, "align_steps", ">= 1", self.align_steps)
+        require(self.finetune_steps >= 1, "finetune_steps", ">= 1", self.finetune_steps)
+        require(self.rho >= 0, "rho", ">= 0", self.rho)
+        require(0 <= self.prox_warmup <= 1, "prox_warmup", "in [0, 1]", self.prox_warmup)
 
-@METHODS.register("lisa")
+
+@register
 class Lisa(Defense):
     r"""Alternate K_a alignment steps and K_f task steps; anchor each state to where the other one left off.
 
     Paper: Huang et al., "Lisa: Lazy Safety Alignment ...", NeurIPS 2024, arXiv 2405.18641; code
-    git-disl/Lisa ``LisaTrainer`` (spec ``algorithms.md`` §7b).
+    git-disl/Lisa ``LisaTrainer``.
 
-    Bi-state optimisation, per micro-batch; training starts in the alignment state::
+    Objective, per micro-batch; training starts in the alignment state::
 
         alignment state (K_a micro-steps):  L = CE(θ; b_align) + (ρ/2)·‖θ − θ̃_A‖²   (the task batch is discarded)
         fine-tune state (K_f micro-steps):  L = CE(θ; b_task)  + (ρ/2)·‖θ − θ̃_F‖²
@@ -58,10 +72,6 @@ class Lisa(Defense):
         0 switches the term off (bi-state only).
       * ``prox_warmup`` = 0.1 (reference); range 0-1.
 
-    Steps are micro-steps (calls of ``step``), as the reference counts ``training_step`` calls; with
-    ``train.grad_accum`` = 1 they are optimizer steps. The total step count is kept, so the task sees
-    K_f/(K_a+K_f) of the run's steps (reference behaviour, §7b pitfalls).
-
     Data: the aux set ``alignment`` (harmful prompt → refusal), drawn in batches of ``train.batch_size``
     from a checkpointed stream.
 
@@ -69,24 +79,23 @@ class Lisa(Defense):
     the trainable parameters, which are kept in the checkpoint with the state and counters so a resumed
     run continues the same schedule. Logged terms: ``align`` or ``task`` (the state's CE) and ``prox``;
     ``diag/lisa_state`` is 1 in the alignment state and 0 in the fine-tune state.
+
+    Pitfalls handled:
+      * Steps are micro-steps (calls of ``step``), as the reference counts ``training_step`` calls; with
+        ``train.grad_accum`` = 1 they are optimizer steps. The total step count is kept, so the task sees
+        K_f/(K_a+K_f) of the run's steps, as in the reference.
+      * The switch is checked before the micro-step and the snapshot taken after the flip, so each state
+        is anchored to the last iterate of the other (the reference code's order, not its README's).
+      * The snapshots are fp32 copies of the trainable parameters only (LoRA A/B under LoRA).
     """
 
-    name = "lisa"
     stage = "finetune"
     needs = ("alignment",)
     Config = LisaConfig
+    cfg: LisaConfig
 
     def __init__(self, cfg: LisaConfig) -> None:
         super().__init__(cfg)
-        if cfg.align_steps < 1 or cfg.finetune_steps < 1:
-            raise ConfigError(
-                "defense.align_steps and defense.finetune_steps must be >= 1, "
-                f"not {cfg.align_steps}, {cfg.finetune_steps}"
-            )
-        if cfg.rho < 0:
-            raise ConfigError(f"defense.rho must be >= 0, not {cfg.rho}")
-        if not 0 <= cfg.prox_warmup <= 1:
-            raise ConfigError(f"defense.prox_warmup must be in [0, 1], not {cfg.prox_warmup}")
         self.state = ALIGN
         self.clock = 0  # micro-steps spent in the current state
         self.steps = 0  # micro-steps overall
@@ -94,7 +103,7 @@ class Lisa(Defense):
         self._stream = None
         self._total = 0
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         rows = ctx.render(ctx.aux_data("alignment"))
         self._stream = ctx.stream("lisa_alignment", rows, ctx.cfg.train.batch_size)
         self._total = ctx.cfg.train.steps * ctx.cfg.train.grad_accum
@@ -110,11 +119,11 @@ class Lisa(Defense):
         else:
             self.snapshot = {k: v.to(ctx.device) for k, v in self.snapshot.items()}
 
-    def _take(self, ctx) -> dict[str, torch.Tensor]:
-        params = trainable_parameters(ctx.accelerator.unwrap_model(ctx.model))
+    def _take(self, ctx: RunContext) -> dict[str, torch.Tensor]:
+        params = trainable_parameters(ctx.unwrapped)
         return {n: p.detach().float().clone() for n, p in params.items()}
 
-    def step(self, ctx, batch: Batch) -> StepOutput:
+    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
         if self._stream is None or self.snapshot is None:
             raise RuntimeError("Lisa.step called before setup")
         # The switch is checked before the micro-step, as the reference (``check_mode`` at the top of
@@ -131,7 +140,7 @@ class Lisa(Defense):
         terms = {"align" if aligning else "task": ce}
         # Off while the completed micro-steps are at most prox_warmup of the total (reference: steps > 0.1·total).
         if self.cfg.rho > 0 and self.steps > self.cfg.prox_warmup * self._total:
-            params = trainable_parameters(ctx.accelerator.unwrap_model(ctx.model))
+            params = trainable_parameters(ctx.unwrapped)
             sq = sum(((p.float() - self.snapshot[n]) ** 2).sum() for n, p in params.items())
             terms["prox"] = 0.5 * self.cfg.rho * sq
         out = backward_terms(ctx, terms, {"lisa_state": float(aligning)})

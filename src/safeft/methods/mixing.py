@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE
 from safeft.data.types import Example
-from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
-from safeft.methods.registry import METHODS
+from safeft.methods.base import Batch, Defense, StepOutput, backward_terms, require
+from safeft.methods.registry import register
+
+if TYPE_CHECKING:
+    from safeft.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,15 @@ class MixingConfig(DefenseConfig):
     safety_batch: int = 4  # C: safety examples per micro-batch
     train_on_inputs: bool = False  # A/B: loss on the prompt tokens too (Alpaca-LoRA's default is True)
 
+    def __post_init__(self) -> None:
+        require(self.variant in VARIANTS, "variant", f"one of {', '.join(VARIANTS)}", self.variant)
+        require(0 <= self.fraction < 1, "fraction", "in [0, 1)", self.fraction)
+        require(self.n_safety >= 0, "n_safety", ">= 0", self.n_safety)
+        require(self.lam >= 0, "lam", ">= 0", self.lam)
+        require(self.safety_batch >= 1, "safety_batch", ">= 1", self.safety_batch)
+        if self.train_on_inputs and self.variant == "batch":
+            raise ConfigError("defense.train_on_inputs applies to the dataset and append variants only, not batch")
+
 
 def n_mixed(fraction: float, n_task: int) -> int:
     """Safety examples X such that X / (n_task + X) is ``fraction``, rounded; at least 1 when fraction > 0."""
@@ -39,7 +52,7 @@ def n_mixed(fraction: float, n_task: int) -> int:
     return max(1, round(fraction * n_task / (1 - fraction)))
 
 
-@METHODS.register("mixing")
+@register
 class Mixing(Defense):
     r"""Train on refusal examples too: mixed into the task set, appended to it, or as a second batch per step.
 
@@ -73,25 +86,13 @@ class Mixing(Defense):
     F+B per micro-batch (logged as 2 forward + 1 backward: both losses are back-propagated together).
     """
 
-    name = "mixing"
     stage = "finetune"
     needs = ("alignment",)
     Config = MixingConfig
+    cfg: MixingConfig
 
     def __init__(self, cfg: MixingConfig) -> None:
         super().__init__(cfg)
-        if cfg.variant not in VARIANTS:
-            raise ConfigError(f"defense.variant must be one of {', '.join(VARIANTS)}, not {cfg.variant!r}")
-        if not 0 <= cfg.fraction < 1:
-            raise ConfigError(f"defense.fraction must be in [0, 1), not {cfg.fraction}")
-        if cfg.n_safety < 0:
-            raise ConfigError(f"defense.n_safety must be >= 0, not {cfg.n_safety}")
-        if cfg.lam < 0:
-            raise ConfigError(f"defense.lam must be >= 0, not {cfg.lam}")
-        if cfg.safety_batch < 1:
-            raise ConfigError(f"defense.safety_batch must be >= 1, not {cfg.safety_batch}")
-        if cfg.train_on_inputs and cfg.variant == "batch":
-            raise ConfigError("defense.train_on_inputs applies to the dataset and append variants only")
         self._stream = None
 
     def task_examples(self, examples: list[Example], aux: dict[str, list[Example]]) -> list[Example]:
@@ -114,12 +115,12 @@ class Mixing(Defense):
         # Order does not matter: the loop's stream shuffles every epoch.
         return [*examples, *safety]
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         if self.cfg.variant == "batch" and self.cfg.lam > 0:
             rows = ctx.render(ctx.aux_data("alignment"))
             self._stream = ctx.stream("mixing_safety", rows, self.cfg.safety_batch)
 
-    def step(self, ctx, batch: Batch) -> StepOutput:
+    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
         if self.cfg.train_on_inputs:
             # Every real token is a target (the causal shift happens inside the model); padding stays masked.
             batch = {**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)}

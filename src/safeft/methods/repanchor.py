@@ -66,15 +66,15 @@ from safeft import models
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE, Rendered, last_prompt_index
 from safeft.data.types import Example
-from safeft.diagnose.capture import capture  # hooks by decoder index, removed in finally
 from safeft.diagnose.cka import linear_cka
+from safeft.hooks import capture, eval_mode
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import METHODS
-from safeft.methods.saft import AnchorSet, check_anchor_fields, eval_mode, fused_step, inputs_only
+from safeft.methods.saft import AnchorSet, check_anchor_fields, fused_step, inputs_only
 from safeft.packing import packing_works
 
 if TYPE_CHECKING:
-    from safeft.train import RunContext
+    from safeft.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class RepAnchor(Defense):
 
     def prepare(self, ctx: RunContext, rows: list[Rendered]) -> None:
         """Cache the reference's anchor hidden states and probe samples; measure the step-0 drift."""
-        n_blocks = len(models.decoder_layers(ctx.accelerator.unwrap_model(ctx.model)))
+        n_blocks = len(models.decoder_layers(ctx.unwrapped))
         self.candidates = sorted(self.cfg.layers) if self.cfg.layers is not None else list(range(n_blocks))
         if self.candidates[0] < 0 or self.candidates[-1] >= n_blocks:
             raise ValueError(f"defense.layers={self.cfg.layers}: the model has {n_blocks} blocks (0-based indices)")
@@ -229,7 +229,7 @@ class RepAnchor(Defense):
         parts: dict[int, list[torch.Tensor]] = {i: [] for i in self.candidates}
         cm = ctx.reference() if reference else torch.no_grad()
         with cm as ref:
-            model = ref if reference else ctx.accelerator.unwrap_model(ctx.model)
+            model = ref if reference else ctx.unwrapped
             with eval_mode(model):
                 for start in range(0, len(rows), self.setup_batch):
                     batch = ctx.batch(rows[start : start + self.setup_batch])
@@ -279,7 +279,7 @@ class RepAnchor(Defense):
         """R(θ) on a clean anchor batch in its own forward (unweighted by γ, with grad)."""
         layers, _ = self.selection()
         batch = ctx.batch(rows)
-        model = ctx.accelerator.unwrap_model(ctx.model)
+        model = ctx.unwrapped
         with capture(model, layers) as h:
             ctx.forward(inputs_only(batch), logits_to_keep=1)
         mask = token_mask(batch)

@@ -2,26 +2,28 @@
 
 Rosati et al., "Representation Noising: A Defence Mechanism Against Harmful Finetuning", NeurIPS 2024,
 https://arxiv.org/abs/2405.14577 (code: domenicrosati/representation-noising ``loss.py::rep_noise_loss``;
-the copy the git-disl papers run: git-disl/Booster ``RepNoiseTrainer``). Spec: shared/design/algorithms.md §2.
+the copy the git-disl papers run: git-disl/Booster ``RepNoiseTrainer``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safeft.config import ConfigError, DefenseConfig
+from safeft.config import DefenseConfig
 from safeft.data.chat import IGNORE
-from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.booster import harmful_rows
-from safeft.methods.registry import METHODS
+from safeft.hooks import capture_modules
+from safeft.methods.base import Batch, Defense, StepOutput, harmful_rows, require
+from safeft.methods.registry import register
 from safeft.models import ModelError, decoder_layers, find_submodule, unwrap_peft
+
+if TYPE_CHECKING:
+    from safeft.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,13 @@ class RepNoiseConfig(DefenseConfig):
     kernel_mul: float = 2.0  # MMD: bandwidth ratio between consecutive kernels (the code: 2)
 
     def __post_init__(self) -> None:
-        for key in ("alpha", "beta", "lens_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"defense.{key} must be >= 0, not {getattr(self, key)}")
-        if self.harmful_batch < 1 or self.kernel_num < 1 or self.kernel_mul <= 0:
-            raise ConfigError("defense.harmful_batch and defense.kernel_num must be >= 1, kernel_mul > 0")
-        if self.noise_site not in NOISE_SITES:
-            raise ConfigError(f"defense.noise_site must be one of {', '.join(NOISE_SITES)}, not {self.noise_site!r}")
+        require(self.alpha >= 0, "alpha", ">= 0", self.alpha)
+        require(self.beta >= 0, "beta", ">= 0", self.beta)
+        require(self.lens_every >= 0, "lens_every", ">= 0", self.lens_every)
+        require(self.harmful_batch >= 1, "harmful_batch", ">= 1", self.harmful_batch)
+        require(self.noise_site in NOISE_SITES, "noise_site", f"one of {', '.join(NOISE_SITES)}", self.noise_site)
+        require(self.kernel_num >= 1, "kernel_num", ">= 1", self.kernel_num)
+        require(self.kernel_mul > 0, "kernel_mul", "> 0", self.kernel_mul)
 
 
 # ----------------------------------------------------------------------------- MMD
@@ -119,29 +121,10 @@ def lens_indices(n_layers: int, every: int) -> list[int]:
     return list(range(n_layers - every, -1, -every))[::-1]
 
 
-@contextlib.contextmanager
-def captured(modules: list[nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
-    """Outputs of ``modules`` in the block's forward, keyed by index; hooks removed however the block exits."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def keep(i: int):
-        def hook(_mod, _inp, out):
-            seen[i] = out[0] if isinstance(out, tuple) else out
-
-        return hook
-
-    handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
 # ----------------------------------------------------------------------------- the defense
 
 
-@METHODS.register("repnoise")
+@register
 class RepNoise(Defense):
     r"""Push harmful-answer activations towards Gaussian noise and bound-ascend the harmful answers' loss.
 
@@ -192,14 +175,13 @@ class RepNoise(Defense):
         raises ``ModelError``. α = β = 0 runs no harmful pass: exactly SFT.
     """
 
-    name = "repnoise"
     stage = "align"
     needs = ("contrastive",)
     Config = RepNoiseConfig
+    cfg: RepNoiseConfig
 
     def __init__(self, cfg: RepNoiseConfig) -> None:
         super().__init__(cfg)
-        self.cfg: RepNoiseConfig = cfg
         self.sites: list[nn.Module] = []
         self.lens: list[int] = []
         self.norm: nn.Module | None = None
@@ -209,10 +191,10 @@ class RepNoise(Defense):
     def active(self) -> bool:
         return self.cfg.alpha > 0 or self.cfg.beta > 0
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         if not self.active:
             return  # α = β = 0: exactly SFT, at SFT's cost
-        model = ctx.accelerator.unwrap_model(ctx.model)
+        model = ctx.unwrapped
         self.sites = noise_sites(model, self.cfg.noise_site)
         self.lens = lens_indices(len(self.sites), self.cfg.lens_every)
         if self.cfg.alpha > 0 and self.lens:
@@ -224,7 +206,7 @@ class RepNoise(Defense):
             "repnoise: %d %s sites, logit lens on hidden_states %s", len(self.sites), self.cfg.noise_site, self.lens
         )
 
-    def step(self, ctx, batch: Batch) -> StepOutput:
+    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
         if not self.active:
             return super().step(ctx, batch)
         if self._stream is None:
@@ -238,12 +220,12 @@ class RepNoise(Defense):
         total = torch.stack([t.float() for t in terms.values()]).sum()
         return StepOutput(total, terms, diagnostics={"harmful_ce": s})
 
-    def harmful_terms(self, ctx, harm: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def harmful_terms(self, ctx: RunContext, harm: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(β·mean_l MMD², −α·log(S+1), S) on the harmful batch, from one forward."""
         cfg = self.cfg
         want_states = cfg.alpha > 0 and bool(self.lens)
         sites = self.sites if cfg.beta > 0 else []
-        with captured(sites) as acts:
+        with capture_modules(sites) as acts:
             out = ctx.forward(harm, output_hidden_states=want_states)
         zero = torch.zeros((), device=ctx.device)
         noise = zero
@@ -261,7 +243,7 @@ class RepNoise(Defense):
         if cfg.alpha > 0:
             ces = [out.loss.float()]
             if want_states:
-                model = ctx.accelerator.unwrap_model(ctx.model)
+                model = ctx.unwrapped
                 head = model.get_output_embeddings()
                 sel = harm["labels"][:, 1:] != IGNORE  # positions whose next token is a response token
                 target = harm["labels"][:, 1:][sel]

@@ -6,19 +6,22 @@ Large Language Models", NeurIPS 2024, https://arxiv.org/abs/2405.16833 (code IBM
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from safeft import models
+from safeft import io, models
 from safeft.config import ConfigError, DefenseConfig
-from safeft.methods.base import Defense
-from safeft.methods.registry import METHODS
+from safeft.methods.base import Defense, require
+from safeft.methods.registry import register
 from safeft.models import ModelError
+
+if TYPE_CHECKING:
+    from safeft.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,18 @@ class SafeLoRAConfig(DefenseConfig):
     threshold: float = 0.5  # τ
     num_proj_layers: int = 10  # K, for select=number (the reference's default mode)
     exact_projection: bool = False  # True: orthogonal projector onto col(V) instead of V Vᵀ / ‖V‖_F
+
+    def __post_init__(self) -> None:
+        # Required, but a dataclass field without a default cannot follow `name`; so it is checked here.
+        require(
+            self.base_model is not None,
+            "base_model",
+            "set to the unaligned model the aligned model.spec came from (e.g. smollm2-135m)",
+            self.base_model,
+        )
+        require(self.select in SELECTS, "select", f"one of {', '.join(SELECTS)}", self.select)
+        require(-1 <= self.threshold <= 1, "threshold", "in [-1, 1]", self.threshold)
+        require(self.num_proj_layers >= 0, "num_proj_layers", ">= 0", self.num_proj_layers)
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
@@ -80,7 +95,7 @@ def cosine(c: torch.Tensor, delta: torch.Tensor) -> float:
     return float((cd * delta).sum() / den) if den > 0 else float("nan")
 
 
-@METHODS.register("safelora")
+@register
 class SafeLoRA(Defense):
     r"""Post-hoc: replace LoRA-B by C·B in the modules whose update leaves the safety-aligned subspace.
 
@@ -123,21 +138,13 @@ class SafeLoRA(Defense):
     module's V is zero (base and aligned the same model) the run raises instead of silently being SFT.
     """
 
-    name = "safelora"
     stage = "post"
     needs = ()
     Config = SafeLoRAConfig
+    cfg: SafeLoRAConfig
 
     def __init__(self, cfg: SafeLoRAConfig) -> None:
         super().__init__(cfg)
-        if cfg.base_model is None:
-            raise ConfigError("safelora needs defense.base_model: the unaligned model the aligned model.spec came from")
-        if cfg.select not in SELECTS:
-            raise ConfigError(f"defense.select must be one of {', '.join(SELECTS)}, not {cfg.select!r}")
-        if not -1 <= cfg.threshold <= 1:
-            raise ConfigError(f"defense.threshold must be in [-1, 1], not {cfg.threshold}")
-        if cfg.num_proj_layers < 0:
-            raise ConfigError(f"defense.num_proj_layers must be >= 0, not {cfg.num_proj_layers}")
         self.report: list[dict] = []
 
     def _pairs(self, model: nn.Module) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
@@ -165,13 +172,13 @@ class SafeLoRA(Defense):
             )
         return out
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         # Check the pairing now, so a wrong base model fails before training rather than after it.
-        self._pairs(ctx.accelerator.unwrap_model(ctx.model))
+        self._pairs(ctx.unwrapped)
 
     @torch.no_grad()
-    def after_train(self, ctx) -> None:
-        model = ctx.accelerator.unwrap_model(ctx.model)
+    def after_train(self, ctx: RunContext) -> None:
+        model = ctx.unwrapped
         rows = []
         for name, mod, adapter, w_base in self._pairs(model):
             a, b = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
@@ -218,5 +225,5 @@ class SafeLoRA(Defense):
             "pdst": sum(pdst) / len(pdst) if pdst else float("nan"),
             "per_module": rows,
         }
-        (ctx.run_dir / "safelora.json").write_text(json.dumps(summary, indent=2))
+        io.write_json(ctx.run_dir / "safelora.json", summary)
         log.info("safelora: projected %d of %d LoRA modules (Pdst %.3f)", len(chosen), len(rows), summary["pdst"])

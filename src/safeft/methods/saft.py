@@ -56,23 +56,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE, Rendered
 from safeft.data.types import Example
-from safeft.diagnose.capture import capture  # hooks by decoder index, removed in finally
+from safeft.hooks import capture, eval_mode
 from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
 from safeft.methods.registry import METHODS
 from safeft.packing import attention_format, pack, packing_works
 
 if TYPE_CHECKING:
-    from safeft.train import RunContext, Stream
+    from safeft.context import RunContext, Stream
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +130,6 @@ def check_anchor_fields(cfg: Any, min_new_tokens: int) -> None:
 
 
 # ----------------------------------------------------------------------------- shared anchor helpers
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Dropout (LoRA's included) off for the block; the previous mode is restored even on error."""
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 def inputs_only(batch: Batch) -> Batch:
@@ -264,7 +251,7 @@ def reference_targets(ctx: RunContext, rows: list[Rendered], topk: int, batch_si
 
 
 def embed(ctx: RunContext, input_ids: torch.Tensor) -> torch.Tensor:
-    return ctx.accelerator.unwrap_model(ctx.model).get_input_embeddings()(input_ids)
+    return ctx.unwrapped.get_input_embeddings()(input_ids)
 
 
 def adversarial_logits(ctx: RunContext, batch: Batch, emb: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -327,7 +314,7 @@ def fused_step(ctx: RunContext, batch: Batch, rows: list[Rendered], saft: SAFT |
     tokens too), and clean for RepAnchor, reading the chat template's prefix from the host row. The terms
     and their gradient equal the separate passes' to float rounding; one backward instead of three.
     """
-    model = ctx.accelerator.unwrap_model(ctx.model)
+    model = ctx.unwrapped
     segments = [torch.tensor(r.input_ids) for r in rows]
     segs: list[torch.Tensor] = []
     embeds: list[torch.Tensor | None] = []

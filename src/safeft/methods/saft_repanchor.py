@@ -42,7 +42,7 @@ from safeft.methods.saft import SAFT, AnchorSet, SAFTConfig, check_saft, fused_s
 from safeft.packing import packing_works
 
 if TYPE_CHECKING:
-    from safeft.train import RunContext
+    from safeft.context import RunContext
 
 
 @dataclass

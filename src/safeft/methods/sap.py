@@ -8,9 +8,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,14 @@ from torch import nn
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE, Rendered
 from safeft.data.types import Example
-from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.registry import METHODS
+from safeft.hooks import first, hooked, with_first
+from safeft.methods.base import Batch, Defense, StepOutput, require
+from safeft.methods.registry import register
+from safeft.methods.weights import global_norm, param_grads, shifted
 from safeft.models import ModelError, decoder_layers, trainable_parameters
+
+if TYPE_CHECKING:
+    from safeft.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,15 @@ class SAPConfig(DefenseConfig):
     contrastive_batch: int = 8  # (prompt, safe, harmful) triples per direction estimate
     temperature: float = 1.0  # T in −log σ(Δ/T)
     reference_parity: bool = False  # True = the released code's contrastive loss, bug included (§3.6-1)
+
+    def __post_init__(self) -> None:
+        require(self.grad_rate >= 0, "grad_rate", ">= 0", self.grad_rate)
+        require(self.probe_lr > 0, "probe_lr", "> 0", self.probe_lr)
+        require(self.contrastive_batch >= 1, "contrastive_batch", ">= 1", self.contrastive_batch)
+        require(self.temperature > 0, "temperature", "> 0", self.temperature)
+        if self.layers is not None:
+            ok = bool(self.layers) and len(set(self.layers)) == len(self.layers)
+            require(ok, "layers", "a non-empty list of decoder indices without repeats (or null)", self.layers)
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -63,7 +77,9 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, shift: bool = T
     return -nll.view(b, t).sum(dim=1)
 
 
-def _parity_logprobs(ctx, safe: Sequence[Rendered], harm: Sequence[Rendered]) -> tuple[torch.Tensor, torch.Tensor]:
+def _parity_logprobs(
+    ctx: RunContext, safe: Sequence[Rendered], harm: Sequence[Rendered]
+) -> tuple[torch.Tensor, torch.Tensor]:
     # The released loss (SAP_code datas.py + train.py): the input is the PROMPT only, padded with EOS
     # (attention 0) to the width of prompt+response; the labels are prompt+response with the prompt
     # masked and every EOS masked (pad = EOS there); CE is taken without the causal shift. One forward
@@ -88,7 +104,7 @@ def _parity_logprobs(ctx, safe: Sequence[Rendered], harm: Sequence[Rendered]) ->
 
 
 def contrastive_loss(
-    ctx, safe: Sequence[Rendered], harm: Sequence[Rendered], temperature: float = 1.0, parity: bool = False
+    ctx: RunContext, safe: Sequence[Rendered], harm: Sequence[Rendered], temperature: float = 1.0, parity: bool = False
 ) -> torch.Tensor:
     """L_c = −mean_i log σ((log p(y_safe,i | q_i) − log p(y_harm,i | q_i)) / T), no reference model.
 
@@ -105,46 +121,10 @@ def contrastive_loss(
     return -F.logsigmoid((lp_safe - lp_harm) / temperature).mean()
 
 
-# ----------------------------------------------------------------------------- weight excursion
-
-
-def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of a list of tensors, in fp32."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach().float()) for t in tensors]))
-
-
-@contextlib.contextmanager
-def shifted(params: Sequence[torch.Tensor], delta: Sequence[torch.Tensor], check: bool = True) -> Iterator[None]:
-    """Add ``delta`` to ``params`` in place for the block; restore the saved values exactly afterwards.
-
-    The restore copies a saved clone rather than subtracting ``delta`` again (``(w + d) − d != w`` in
-    floating point). With ``check``, raises if the weights did not actually move by at least half of
-    ``‖delta‖`` (e.g. bf16 weights rounding a 1e-7 step away), since the probe would then be fitted to noise.
-    """
-    saved = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for p, d in zip(params, delta, strict=True):
-                p.add_(d.to(p.dtype))
-            want = float(_norm(delta))
-            moved = float(_norm([p - s for p, s in zip(params, saved, strict=True)]))
-        if check and want > 0 and not moved >= 0.5 * want:
-            dtypes = sorted({str(p.dtype) for p in params})
-            raise RuntimeError(
-                f"the SAP weight shift of norm {want:.3g} moved the weights by only {moved:.3g} "
-                f"(trainable dtypes {dtypes}); keep the trainable (adapter) weights in fp32"
-            )
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
-
-
 # ----------------------------------------------------------------------------- the defense
 
 
-@METHODS.register("sap")
+@register
 class SAP(Defense):
     r"""Train a probe V on the MLP outputs so that moving the weights toward "harmful preferred" raises the
     task loss; the task gradient, taken with V in place, then steers the update away from that direction.
@@ -207,31 +187,21 @@ class SAP(Defense):
       * The probe is cast to the MLP output's dtype under autocast; its gradient and state stay fp32.
     """
 
-    name = "sap"
     stage = "finetune"
     needs = ("contrastive",)
     Config = SAPConfig
+    cfg: SAPConfig
 
     def __init__(self, cfg: SAPConfig) -> None:
         super().__init__(cfg)
-        for key in ("probe_lr", "temperature"):
-            if not getattr(cfg, key) > 0:
-                raise ConfigError(f"defense.{key} must be > 0, not {getattr(cfg, key)}")
-        if cfg.grad_rate < 0:
-            raise ConfigError(f"defense.grad_rate must be >= 0, not {cfg.grad_rate}")
-        if cfg.contrastive_batch < 1:
-            raise ConfigError(f"defense.contrastive_batch must be >= 1, not {cfg.contrastive_batch}")
-        if cfg.layers is not None and (not cfg.layers or len(set(cfg.layers)) != len(cfg.layers)):
-            raise ConfigError(f"defense.layers must be non-empty and without repeats, not {cfg.layers}")
         self.layers: list[int] = []
         self.probe: dict[int, torch.Tensor] = {}  # decoder index -> v_j, fp32 leaf tensors (not model params)
         self.opt: torch.optim.Optimizer | None = None
         self.diagnostics: dict[str, float] = {}  # last step's contrastive loss, ‖V‖, ‖ΔW‖ (not optimised)
-        self._hooks: list[Any] = []
+        self._hooks = contextlib.ExitStack()  # the probe's forward hooks, closed by remove_hooks
         self._harm: list[Rendered] = []
         self._stream = None
         self._pending: dict[str, Any] | None = None
-        self._micro = 0  # micro-batch index within the current optimizer step
         self._delta: list[torch.Tensor] | None = None
         self._nominal = True
         self._warned = False
@@ -239,8 +209,8 @@ class SAP(Defense):
 
     # -- setup / teardown
 
-    def setup(self, ctx) -> None:
-        model = ctx.accelerator.unwrap_model(ctx.model)
+    def setup(self, ctx: RunContext) -> None:
+        model = ctx.unwrapped
         blocks = decoder_layers(model)
         self.layers = list(self.cfg.layers) if self.cfg.layers is not None else default_layers(len(blocks))
         bad = [j for j in self.layers if not 0 <= j < len(blocks)]
@@ -251,6 +221,7 @@ class SAP(Defense):
         d = _hidden_size(model)
         self.probe = {j: torch.zeros(d, device=ctx.device, requires_grad=True) for j in self.layers}
         self.opt = torch.optim.AdamW(list(self.probe.values()), lr=self.cfg.probe_lr)
+        mlps = {}
         for j in self.layers:
             mlp = getattr(blocks[j], "mlp", None)
             if not isinstance(mlp, nn.Module):
@@ -258,13 +229,14 @@ class SAP(Defense):
                     f"decoder block {j} ({type(blocks[j]).__name__}) has no .mlp module; "
                     "SAP adds its probe to the MLP output and cannot attach to this architecture"
                 )
-            self._hooks.append(mlp.register_forward_hook(_adder(self.probe[j])))
+            mlps[j] = mlp
+        self._hooks.enter_context(hooked(mlps, lambda j: _adder(self.probe[j])))
         self._build_contrastive(ctx)
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
 
-    def _build_contrastive(self, ctx) -> None:
+    def _build_contrastive(self, ctx: RunContext) -> None:
         triples = ctx.aux_data("contrastive")
         missing = [ex.id for ex in triples if not ex.response or "harmful_response" not in ex.meta]
         if missing:
@@ -277,14 +249,12 @@ class SAP(Defense):
         self._stream = ctx.stream("sap_contrastive", rows, self.cfg.contrastive_batch)
 
     def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._hooks.close()
         with torch.no_grad():
             for v in self.probe.values():
                 v.zero_()
 
-    def after_train(self, ctx) -> None:
+    def after_train(self, ctx: RunContext) -> None:
         # The probe is an optimisation device: evaluation and saving must see the plain model.
         self.remove_hooks()
 
@@ -293,13 +263,13 @@ class SAP(Defense):
 
     # -- one micro-batch
 
-    def step(self, ctx, batch: Batch) -> StepOutput:
+    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
         if self.opt is None:
             raise RuntimeError("SAP.step called before setup")
         k = ctx.cfg.train.grad_accum
-        params = list(trainable_parameters(ctx.accelerator.unwrap_model(ctx.model)).values())
+        params = list(trainable_parameters(ctx.unwrapped).values())
         probe = list(self.probe.values())
-        if self._micro == 0:
+        if ctx.micro == 0:
             self._delta, self._nominal = self._harmful_shift(ctx, params)
         # V's gradient at W + ΔW (for V only: ctx.grad keeps it away from the optimizer).
         with shifted(params, self._delta, check=self._nominal):
@@ -309,12 +279,11 @@ class SAP(Defense):
         # The clean pass with V_t: W's gradient for the loop's optimizer; V.grad receives ∂CE/∂V / k.
         task = ctx.forward(batch).loss
         ctx.backward(task)
-        self._micro += 1
-        if self._micro == k:
+        if ctx.last_micro:  # V moves once per optimizer step, from g_V averaged over its micro-batches
             self._update_probe()
         return StepOutput(task.detach(), {"task": task.detach()}, diagnostics=dict(self.diagnostics))
 
-    def _harmful_shift(self, ctx, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+    def _harmful_shift(self, ctx: RunContext, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
         """ΔW = r·‖W‖·g/(‖g‖ + 1e-8) with g = ∇_W L_c at (W_t, V_t), all in fp32.
 
         Also says whether ΔW has its nominal size (‖g‖ ≥ 1e-8, so ‖ΔW‖ ≥ r·‖W‖/2): only then must the
@@ -324,15 +293,11 @@ class SAP(Defense):
         rows = self._stream.next()
         harm = [self._harm[int(r.id)] for r in rows]
         lc = contrastive_loss(ctx, rows, harm, self.cfg.temperature, self.cfg.reference_parity)
-        g = ctx.grad(lc, params, allow_unused=True)
-        g = [
-            torch.zeros_like(p, dtype=torch.float32) if gi is None else gi.float()
-            for p, gi in zip(params, g, strict=True)
-        ]
-        g_norm = _norm(g)
-        scale = self.cfg.grad_rate * _norm(params) / (g_norm + 1e-8)
+        g = [gi.float() for gi in param_grads(ctx, lc, params)]
+        g_norm = global_norm(g)
+        scale = self.cfg.grad_rate * global_norm(params) / (g_norm + 1e-8)
         delta = [gi * scale for gi in g]
-        self.diagnostics = {"contrastive": float(lc.detach()), "shift_norm": float(_norm(delta))}
+        self.diagnostics = {"contrastive": float(lc.detach()), "shift_norm": float(global_norm(delta))}
         nominal = float(g_norm) >= 1e-8
         if not nominal and not self._warned:
             self._warned = True
@@ -353,14 +318,14 @@ class SAP(Defense):
                 v.zero_()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.diagnostics["probe_norm"] = float(_norm(probe))
+        self.diagnostics["probe_norm"] = float(global_norm(probe))
         log.debug("sap step: %s", self.diagnostics)
-        self._micro, self._delta, self._gv_shifted = 0, None, None
+        self._delta, self._gv_shifted = None, None
 
     # -- resume
 
     def state_dict(self) -> dict[str, Any]:
-        if self._micro != 0:
+        if self._delta is not None:
             raise RuntimeError("SAP state requested in the middle of an optimizer step")
         return {
             "layers": list(self.layers),
@@ -386,9 +351,8 @@ class SAP(Defense):
 
 def _adder(v: torch.Tensor):
     def hook(_module: nn.Module, _args: Any, out: Any) -> Any:
-        if isinstance(out, tuple):  # MoE blocks return (hidden, router logits)
-            return (out[0] + v.to(out[0].dtype), *out[1:])
-        return out + v.to(out.dtype)
+        h = first(out)  # MoE blocks return (hidden, router logits)
+        return with_first(out, h + v.to(h.dtype))
 
     return hook
 

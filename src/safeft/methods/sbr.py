@@ -6,10 +6,8 @@ Bottlenecks", ICML 2026, https://arxiv.org/abs/2605.05995.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import last_prompt_index
 from safeft.data.types import Example
+from safeft.hooks import unembedding_input
 from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
 from safeft.methods.registry import METHODS
 from safeft.models import ModelError
@@ -36,28 +35,6 @@ class SBRConfig(DefenseConfig):
     # run the anchors inside the task forward (safeft.packing) when the model passes the setup check;
     # false = a separate anchor forward as in the released code. Same objective either way [ours].
     fuse: bool = True
-
-
-@contextlib.contextmanager
-def unembedding_input(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Capture the input of ``model``'s output embeddings (``lm_head``) during the block.
-
-    That input is the final, post-norm hidden state for any architecture, whereas ``hidden_states[-1]``
-    is post-norm only where transformers happens to make it so. Yields a list that receives one tensor
-    per call of the unembedding; the hook is removed however the block exits.
-    """
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ModelError(
-            f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None); "
-            "SBR anchors the input of the unembedding and cannot run on it"
-        )
-    seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda _mod, args: seen.append(args[0]))
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 def final_states(ctx, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -196,8 +173,8 @@ class SBR(Defense):
         if self.cfg.lam == 0 or not self.fused:
             return super().step(ctx, batch)  # task CE + penalty(): the anchors in their own forward
         rows, ref = self._anchors(ctx)
-        packed = self._pack(ctx, batch, rows, attention_format(ctx.accelerator.unwrap_model(ctx.model)))
-        with unembedding_input(ctx.accelerator.unwrap_model(ctx.model)) as seen:
+        packed = self._pack(ctx, batch, rows, attention_format(ctx.unwrapped))
+        with unembedding_input(ctx.unwrapped) as seen:
             task = ctx.forward(packed.batch).loss
         if len(seen) != 1:
             raise ModelError(f"the output embeddings ran {len(seen)} times in one forward; expected exactly once")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from safeft.config import DefenseConfig
 from safeft.methods.base import Defense
-from safeft.methods.registry import METHODS
+from safeft.methods.registry import register
 
 
 @dataclass
@@ -14,7 +14,7 @@ class SFTConfig(DefenseConfig):
     name: str = "sft"
 
 
-@METHODS.register("sft")
+@register
 class SFT(Defense):
     """Plain SFT: minimise the task cross-entropy on response tokens.
 
@@ -24,7 +24,6 @@ class SFT(Defense):
     Cost: 1 forward + 1 backward per micro-batch (the unit every other method is measured in).
     """
 
-    name = "sft"
     stage = "finetune"
     needs = ()
     Config = SFTConfig

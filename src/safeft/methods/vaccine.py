@@ -2,23 +2,25 @@
 
 Huang, Hu, Liu, "Vaccine: Perturbation-aware Alignment for Large Language Models against Harmful Fine-tuning
 Attack", NeurIPS 2024, https://arxiv.org/abs/2402.01109 (code: git-disl/Vaccine ``trainer.py``).
-Spec: shared/design/algorithms.md §1.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from safeft.config import ConfigError, DefenseConfig
-from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.registry import METHODS
+from safeft.config import DefenseConfig
+from safeft.hooks import hooked, with_first
+from safeft.methods.base import Batch, Defense, StepOutput, require
+from safeft.methods.registry import register
 from safeft.models import ModelError, decoder_layers
+
+if TYPE_CHECKING:
+    from safeft.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,8 @@ class VaccineConfig(DefenseConfig):
     perturb_site: str = "attn_out"  # attn_out (the code: attention output before the residual add) | block_out
 
     def __post_init__(self) -> None:
-        if self.rho < 0:
-            raise ConfigError(f"defense.rho must be >= 0, not {self.rho}")
-        if self.perturb_site not in SITES:
-            raise ConfigError(f"defense.perturb_site must be one of {', '.join(SITES)}, not {self.perturb_site!r}")
+        require(self.rho >= 0, "rho", ">= 0", self.rho)
+        require(self.perturb_site in SITES, "perturb_site", f"one of {', '.join(SITES)}", self.perturb_site)
 
 
 def perturbation_sites(model: nn.Module, site: str) -> list[nn.Module]:
@@ -69,21 +69,6 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _with_first(out, value: torch.Tensor):
-    return (value, *out[1:]) if isinstance(out, tuple) else value
-
-
-@contextlib.contextmanager
-def hooked(modules: list[nn.Module], make_hook) -> Iterator[None]:
-    """Forward hooks ``make_hook(i)`` on ``modules[i]`` for the block; removed however the block exits."""
-    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(modules)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def global_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
     """ε_l = ρ · g_l / (‖g‖ + 1e-7) with ‖g‖ = sqrt(Σ_l ‖g_l‖²) over every site, row and token, in fp32."""
     g32 = [g.float() for g in grads]
@@ -91,7 +76,7 @@ def global_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Ten
     return [rho * g / (norm + 1e-7) for g in g32]
 
 
-@METHODS.register("vaccine")
+@register
 class Vaccine(Defense):
     r"""Align so the alignment loss stays low under a worst-case shift of every layer's hidden output.
 
@@ -134,22 +119,21 @@ class Vaccine(Defense):
       * ε is computed in fp32 and cast to the site's dtype when added.
     """
 
-    name = "vaccine"
     stage = "align"
     needs = ()
     Config = VaccineConfig
+    cfg: VaccineConfig
 
     def __init__(self, cfg: VaccineConfig) -> None:
         super().__init__(cfg)
-        self.cfg: VaccineConfig = cfg
         self.sites: list[nn.Module] = []
 
-    def setup(self, ctx) -> None:
+    def setup(self, ctx: RunContext) -> None:
         # Resolved once, before step 0: an architecture we cannot hook fails before any training.
-        self.sites = perturbation_sites(ctx.accelerator.unwrap_model(ctx.model), self.cfg.perturb_site)
+        self.sites = perturbation_sites(ctx.unwrapped, self.cfg.perturb_site)
         log.info("vaccine: %d %s sites, rho=%g", len(self.sites), self.cfg.perturb_site, self.cfg.rho)
 
-    def perturbation(self, ctx, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def perturbation(self, ctx: RunContext, batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Pass 1: (ε per site, the clean loss). No parameter ``.grad`` is touched."""
         outs: dict[int, torch.Tensor] = {}
 
@@ -174,7 +158,7 @@ class Vaccine(Defense):
             grads.append(torch.zeros_like(t) if g is None else g.detach())
         return global_perturbation(grads, self.cfg.rho), loss.detach()
 
-    def step(self, ctx, batch: Batch) -> StepOutput:
+    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
         if not self.sites:
             raise RuntimeError("Vaccine.step called before setup")
         eps, clean = self.perturbation(ctx, batch)
@@ -182,7 +166,7 @@ class Vaccine(Defense):
         def add(i: int):
             def hook(_mod, _inp, out):
                 h = _first(out)
-                return _with_first(out, h + eps[i].to(h.dtype))
+                return with_first(out, h + eps[i].to(h.dtype))
 
             return hook
 

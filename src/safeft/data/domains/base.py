@@ -11,10 +11,13 @@ import dataclasses
 import random
 import re
 from collections.abc import Callable
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 from safeft.data.types import DataError, Example, normalise_prompt
 from safeft.registry import Registry
+
+if TYPE_CHECKING:
+    from safeft.config import RunConfig
 
 N_TRAIN = 1200
 N_TEST = 200
@@ -40,6 +43,14 @@ class Domain(abc.ABC):
 
 
 DOMAINS: Registry[type[Domain]] = Registry("domain")
+
+
+def run_domain(cfg: RunConfig) -> str | None:
+    """The domain a run fine-tunes on: ``<name>`` of ``data.task = domain:<name>[:<split>]``; None when the
+    run has no data section or its task is another data source. The one reader of it (eval, demo, diagnose)."""
+    task = cfg.data.task if cfg.data is not None else ""
+    kind, _, rest = task.partition(":")
+    return (rest.split(":")[0] or None) if kind == "domain" else None
 
 
 def load_domain(name: str, split: str, n: int | None = None, seed: int = 0) -> list[Example]:

@@ -1,0 +1,1 @@
+"""Experiments: grids of runs (``sweep``) and the tables, plots and report made from them (``report``)."""

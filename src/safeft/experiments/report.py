@@ -1,0 +1,427 @@
+"""``safeft report``: the seed papers' table, Pareto fronts and curves from a sweep or any set of run dirs.
+
+* ``table.md`` / ``table.csv`` / ``table.tex``: rows = methods (with the hyperparameters that vary among
+  the runs), columns = domains (and poison fractions p when they vary), cells = ASR / over-refusal /
+  utility accuracy as mean with a 95 % interval: Wilson on the pooled counts for one seed, a t-interval
+  across seeds when there are several (the seed-to-seed spread is then the honest uncertainty).
+* ``pareto.{png,svg,pdf}``: ASR against utility for every run, the frontier (no other run is both safer and
+  more useful) marked, over-refusal as the colour, each point labelled with its varying hyperparameters.
+* ``asr_curves.{png,svg,pdf}``: ASR against training step per method, from ``evals.jsonl``.
+* CKA heatmaps of runs that were diagnosed (``<run>/diagnose/heatmaps.png``), side by side.
+* ``report.md`` and a self-contained ``report.html`` (images inlined) that state first every setting that
+  changes the numbers: judges, prompt counts, max_new_tokens, sampling, chat-template hash, seeds, commit.
+
+Every number comes from the runs' own files (``config.yaml``, ``eval/summary.json``, ``evals.jsonl``); a run
+without a full evaluation (or with only a ``--limit`` smoke evaluation) is listed as such, never averaged in.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io as _io
+import json
+import math
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safeft import io
+from safeft.stats import wilson
+
+METRICS = (("asr", "ASR ↓"), ("over_refusal", "over-refusal ↓"), ("utility", "utility ↑"))
+
+# t quantiles (0.975) for small numbers of seeds; beyond the table the normal quantile is close enough.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+@dataclass
+class Run:
+    path: Path
+    cfg: dict[str, Any]
+    summary: dict[str, Any]
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # metric -> (k, n)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.cfg.get("defense", {}).get("name", "sft")
+
+    @property
+    def domain(self) -> str:
+        task = (self.cfg.get("data") or {}).get("task", "")
+        return task.split(":", 1)[1] if task.startswith("domain:") else task
+
+    @property
+    def poison(self) -> float:
+        return float((self.cfg.get("data") or {}).get("poison", 0.0) or 0.0)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.get("train", {}).get("seed", 0))
+
+
+def _count(rate: float, n: int) -> tuple[int, int]:
+    return int(round(rate * n)), n
+
+
+def load_run(path: Path) -> Run | None:
+    """A run with a full evaluation, or None (with the reason logged by the caller) when it has none."""
+    cfg_path, summary_path = path / "config.yaml", path / "eval" / "summary.json"
+    if not cfg_path.exists() or not summary_path.exists():
+        return None
+    cfg = yaml.safe_load(cfg_path.read_text())
+    summary = json.loads(summary_path.read_text())
+    run = Run(path, cfg, summary)
+    full = lambda entry: entry.get("limit") is None  # noqa: E731 - a --limit smoke number is never a result
+    if "harmful" in summary and full(summary["harmful"]):
+        run.counts["asr"] = _count(summary["harmful"]["asr"], summary["harmful"]["n"])
+    if "over_refusal" in summary and full(summary["over_refusal"]):
+        run.counts["over_refusal"] = _count(summary["over_refusal"]["refusal_rate"], summary["over_refusal"]["n"])
+    util = [v for k, v in summary.items() if k.startswith("utility:") and full(v)]
+    if util:
+        run.counts["utility"] = _count(util[0]["accuracy"], util[0]["n"])
+    evals = path / "evals.jsonl"
+    if evals.exists():
+        for line in evals.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line of an append-only log
+            run.curve.append((int(rec["step"]), float(rec["asr"])))
+    return run if run.counts else None
+
+
+def collect(targets: list[Path]) -> tuple[list[Run], list[str]]:
+    """Runs under ``targets`` (sweep dirs — their ``cells/*`` — or run dirs); and what was skipped and why."""
+    runs, skipped = [], []
+    for t in targets:
+        dirs = sorted(p for p in (t / "cells").iterdir() if p.is_dir()) if (t / "cells").is_dir() else [t]
+        for d in dirs:
+            r = load_run(d)
+            if r is None:
+                why = "failed: see error.json" if (d / "error.json").exists() else "no full evaluation"
+                skipped.append(f"{d}: {why}")
+            else:
+                runs.append(r)
+    return runs, skipped
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Dotted config keys whose values differ among the runs (run_id and out_dir excepted)."""
+    flats = [_flat(r.cfg) for r in runs]
+    keys = sorted(set().union(*flats)) if flats else []
+    skip = {"run_id", "out_dir"}
+    return [k for k in keys if k not in skip and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]
+
+
+def row_label(run: Run, runs: list[Run]) -> str:
+    """The method, with the defense hyperparameters that vary among the runs of that method."""
+    same = [r for r in runs if r.method == run.method]
+    flat = _flat(run.cfg)
+    keys = [k for k in varying_keys(same) if k.startswith("defense.") and k in flat]
+    extra = [f"{k.split('.', 1)[1]}={flat[k]}" for k in keys]
+    return run.method + (f" ({', '.join(extra)})" if extra else "")
+
+
+@dataclass
+class Cell:
+    mean: float
+    low: float
+    high: float
+    n: int  # prompts (one seed) or seeds
+    seeds: int
+
+    def fmt(self) -> str:
+        return f"{100 * self.mean:.1f} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
+
+
+def aggregate(counts: list[tuple[int, int]]) -> Cell:
+    """One seed: the rate with its Wilson interval. Several: the mean over seeds with a t-interval."""
+    if len(counts) == 1:
+        k, n = counts[0]
+        low, high = wilson(k, n)
+        return Cell(k / n, low, high, n, 1)
+    rates = [k / n for k, n in counts]
+    m, s = statistics.fmean(rates), statistics.stdev(rates)
+    half = T975.get(len(rates) - 1, 1.96) * s / math.sqrt(len(rates))
+    return Cell(m, max(0.0, m - half), min(1.0, m + half), len(rates), len(rates))
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str, str], Cell]]:
+    """(rows, columns, {(row, column, metric): Cell}); columns are domains, with p when p varies."""
+    varying = varying_keys(runs)
+    by_p = "data.poison" in varying
+
+    def col(r: Run) -> str:
+        return f"{r.domain} (p={r.poison:g})" if by_p else r.domain
+
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        groups.setdefault((row_label(r, runs), col(r)), []).append(r)
+    rows = sorted({k[0] for k in groups}, key=lambda s: (s.split(" ")[0] != "sft", s))
+    cols = sorted({k[1] for k in groups})
+    cells = {}
+    for (row, c), members in groups.items():
+        for metric, _ in METRICS:
+            counts = [m.counts[metric] for m in members if metric in m.counts]
+            if counts:
+                cells[(row, c, metric)] = aggregate(counts)
+    return rows, cols, cells
+
+
+def to_markdown(rows, cols, cells) -> str:
+    head = "| method | " + " | ".join(f"{c} {label}" for c in cols for _, label in METRICS) + " |"
+    lines = [head, "|---|" + "---|" * (len(cols) * len(METRICS))]
+    for row in rows:
+        vals = [cells[(row, c, m)].fmt() if (row, c, m) in cells else "–" for c in cols for m, _ in METRICS]
+        lines.append(f"| {row} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def to_csv(rows, cols, cells) -> str:
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "column", "metric", "mean", "ci_low", "ci_high", "n", "seeds"])
+    for row in rows:
+        for c in cols:
+            for m, _ in METRICS:
+                if (row, c, m) in cells:
+                    x = cells[(row, c, m)]
+                    w.writerow([row, c, m, f"{x.mean:.6f}", f"{x.low:.6f}", f"{x.high:.6f}", x.n, x.seeds])
+    return buf.getvalue()
+
+
+def to_latex(rows, cols, cells) -> str:
+    esc = lambda s: s.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")  # noqa: E731
+    spec = "l" + "c" * (len(cols) * len(METRICS))
+    out = [rf"\begin{{tabular}}{{{spec}}}", r"\toprule"]
+    out.append(" & " + " & ".join(rf"\multicolumn{{{len(METRICS)}}}{{c}}{{{esc(c)}}}" for c in cols) + r" \\")
+    out.append(
+        "method & " + " & ".join(["ASR$\\downarrow$", "OR$\\downarrow$", "Util$\\uparrow$"] * len(cols)) + r" \\"
+    )
+    out.append(r"\midrule")
+    for row in rows:
+        vals = []
+        for c in cols:
+            for m, _ in METRICS:
+                x = cells.get((row, c, m))
+                vals.append(f"{100 * x.mean:.1f}$_{{\\pm {50 * (x.high - x.low):.1f}}}$" if x else "--")
+        out.append(esc(row) + " & " + " & ".join(vals) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(out) + "\n"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points (utility ↑, ASR ↓) that no other point beats on both (ties do not dominate)."""
+    front = []
+    for i, (u, a) in enumerate(points):
+        dominated = any((u2 >= u and a2 <= a) and (u2 > u or a2 < a) for j, (u2, a2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    paths = []
+    for ext in ("png", "svg", "pdf"):
+        p = out / f"{stem}.{ext}"
+        fig.savefig(p, dpi=100, bbox_inches="tight")
+        paths.append(p)
+    _plt().close(fig)
+    return paths
+
+
+def plot_pareto(runs: list[Run], out: Path) -> list[Path]:
+    plt = _plt()
+    pts = [r for r in runs if "asr" in r.counts and "utility" in r.counts]
+    if not pts:
+        return []
+    xy = [(r.counts["utility"][0] / r.counts["utility"][1], r.counts["asr"][0] / r.counts["asr"][1]) for r in pts]
+    colour = [r.counts["over_refusal"][0] / r.counts["over_refusal"][1] if "over_refusal" in r.counts else math.nan
+              for r in pts]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sc = ax.scatter([x for x, _ in xy], [y for _, y in xy], c=colour, cmap="viridis_r", vmin=0, vmax=1, s=40, zorder=3)
+    fig.colorbar(sc, ax=ax, label="over-refusal")
+    front = sorted(pareto_front(xy), key=lambda i: xy[i][0])
+    ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "r--", lw=1, label="Pareto front", zorder=2)
+    for r, (x, y) in zip(pts, xy, strict=True):
+        ax.annotate(row_label(r, runs), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("utility (accuracy) ↑")
+    ax.set_ylabel("ASR ↓")
+    ax.legend(loc="best", fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, "pareto")
+
+
+def plot_curves(runs: list[Run], out: Path) -> list[Path]:
+    plt = _plt()
+    with_curve = [r for r in runs if len(r.curve) > 1]
+    if not with_curve:
+        return []
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in with_curve:
+        steps, asr = zip(*sorted(r.curve), strict=True)
+        label = row_label(r, runs) + (f" / {r.domain}" if len({x.domain for x in with_curve}) > 1 else "")
+        ax.plot(steps, asr, marker="o", ms=3, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("ASR (periodic subset)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return _save(fig, out, "asr_curves")
+
+
+def settings(runs: list[Run]) -> dict[str, Any]:
+    """Every setting that changes the numbers, as found in the runs (a set of values where they differ)."""
+
+    def values(get) -> list:
+        found = []
+        for r in runs:
+            try:
+                v = get(r)
+            except (KeyError, TypeError, IndexError):
+                continue
+            if v not in found:
+                found.append(v)
+        return found
+
+    def template_hash(r: Run):
+        for f in sorted((r.path / "eval").rglob("*.jsonl")):
+            with f.open() as fh:
+                first = fh.readline()
+            if first:
+                return json.loads(first)["settings"].get("chat_template_sha256")
+        raise KeyError
+
+    return {
+        "judge": values(lambda r: r.summary["harmful"]["judge"]),
+        "harmful prompts (n)": values(lambda r: r.summary["harmful"]["n"]),
+        "over-refusal prompts (n)": values(lambda r: r.summary["over_refusal"]["n"]),
+        "utility items (n)": values(lambda r: next(v["n"] for k, v in r.summary.items() if k.startswith("utility:"))),
+        "max_new_tokens": values(lambda r: r.cfg["eval"]["max_new_tokens"]),
+        "sampling": values(
+            lambda r: (
+                "greedy"
+                if not r.cfg["eval"].get("do_sample")
+                else f"T={r.cfg['eval']['temperature']}, top_p={r.cfg['eval']['top_p']}"
+            )
+        ),  # fmt: skip
+        "chat template sha256": values(template_hash),
+        "seeds": sorted({r.seed for r in runs}),
+        "models": values(lambda r: r.cfg["model"]["spec"]),
+        "commit": [_commit()],
+    }
+
+
+def _commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown (not a git checkout)"
+    except OSError:
+        return "unknown"
+
+
+def report(targets: list[Path], out: Path) -> dict[str, Any]:
+    """Write the table, plots and report for ``targets`` under ``out``; return what was written."""
+    runs, skipped = collect([Path(t) for t in targets])
+    if not runs:
+        raise FileNotFoundError(f"no run with a full evaluation under {', '.join(map(str, targets))}: {skipped}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows, cols, cells = table(runs)
+    md = to_markdown(rows, cols, cells)
+    io.write_text(out / "table.md", md + "\n")
+    io.write_text(out / "table.csv", to_csv(rows, cols, cells))
+    io.write_text(out / "table.tex", to_latex(rows, cols, cells))
+    images = plot_pareto(runs, out) + plot_curves(runs, out)
+    heatmaps = [
+        (r, r.path / "diagnose" / "heatmaps.png") for r in runs if (r.path / "diagnose" / "heatmaps.png").exists()
+    ]
+    found = settings(runs)
+    text = _report_md(md, found, [p for p in images if p.suffix == ".png"], heatmaps, skipped, len(runs), out)
+    io.write_text(out / "report.md", text)
+    io.write_text(
+        out / "report.html", _report_html(md, found, [p for p in images if p.suffix == ".png"], heatmaps, skipped)
+    )
+    return {
+        "runs": len(runs),
+        "skipped": skipped,
+        "rows": rows,
+        "columns": cols,
+        "files": sorted(str(p) for p in out.iterdir()),
+    }
+
+
+def _settings_lines(found: dict[str, Any]) -> list[str]:
+    return [f"- **{k}**: {', '.join(map(str, v)) if v else 'not recorded'}" for k, v in found.items()]
+
+
+def _report_md(md, found, images, heatmaps, skipped, n_runs, out: Path) -> str:
+    note = "Cells: percent, mean with 95 % interval (Wilson for one seed; t across seeds for several)."
+    lines = ["# safeft report", "", "## Settings that change the numbers", "", *_settings_lines(found), "",
+             f"## Table ({n_runs} runs)", "", note, "", md, ""]  # fmt: skip
+    for p in images:
+        lines += [f"![{p.stem}]({p.relative_to(out)})", ""]
+    if heatmaps:
+        lines += ["## CKA drift (1 − CKA, layer × step)", ""]
+        lines += [f"![{r.path.name}]({_rel(hm, out)})" for r, hm in heatmaps] + [""]
+    if skipped:
+        lines += ["## Runs not in the table", "", *[f"- {s}" for s in skipped], ""]
+    return "\n".join(lines)
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _img(path: Path) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" style="max-width:48%">'
+
+
+def _report_html(md, found, images, heatmaps, skipped) -> str:
+    import html
+
+    rows = [ln for ln in md.splitlines() if ln.startswith("|") and not ln.startswith("|---")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in rows]
+    thead = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+    tbody = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+    setting = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(', '.join(map(str, v)) or 'not recorded')}</li>"
+                      for k, v in found.items())  # fmt: skip
+    parts = ["<!doctype html><meta charset='utf-8'><title>safeft report</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}td,th{border:1px solid #ccc;"
+             "padding:3px 6px;font-size:12px}table{border-collapse:collapse}</style>",
+             "<h1>safeft report</h1><h2>Settings that change the numbers</h2><ul>", setting, "</ul>",
+             "<h2>Table</h2><p>Percent, mean with 95 % interval (Wilson for one seed; t across seeds).</p>",
+             f"<table><tr>{thead}</tr>{tbody}</table>", "<h2>Figures</h2>", *[_img(p) for p in images]]  # fmt: skip
+    if heatmaps:
+        parts += ["<h2>CKA drift</h2>"] + [f"<h3>{html.escape(r.path.name)}</h3>{_img(hm)}" for r, hm in heatmaps]
+    if skipped:
+        parts += ["<h2>Runs not in the table</h2><ul>", *[f"<li>{html.escape(s)}</li>" for s in skipped], "</ul>"]
+    return "".join(parts) + "\n"

@@ -1,0 +1,165 @@
+"""``safeft sweep`` and ``safeft report`` end to end on a tiny model: every table cell matches the runs' own
+summaries, the interval arithmetic matches a direct computation, a killed sweep finishes with the same table
+as an uninterrupted one, and a failing cell is recorded while the others run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from safeft import config as C
+from safeft.experiments import report as R
+from safeft.experiments import sweep as S
+from safeft.stats import wilson
+
+EVAL = ["eval.n_harmful=4", "eval.n_over_refusal=3", "eval.n_utility=3", "eval.max_new_tokens=4", "eval.batch_size=8"]
+
+
+def write_sweep(tmp_path: Path, model_dir: Path, grid: dict, extra: list[str] = ()) -> Path:
+    overrides = [
+        f"model.spec={model_dir}",
+        "data.n_train=16",
+        "train.steps=4",
+        "train.batch_size=4",
+        "train.precision=fp32",
+        "train.save_every=1",
+        "model.lora.r=4",
+        "model.lora.alpha=8",
+        *EVAL,
+        *extra,
+    ]
+    path = tmp_path / "grid.yaml"
+    path.write_text(json.dumps({"overrides": overrides, "grid": grid}))  # JSON is YAML
+    return path
+
+
+GRID = {"defense.name": ["sft", "sbr"], "data.task": ["domain:finance", "domain:code"]}
+
+
+def test_grid_expansion_names_and_dry_run(tmp_path, tiny_dir):
+    sweep = S.load_sweep(write_sweep(tmp_path, tiny_dir, GRID), tmp_path / "sw")
+    assert len(sweep.cells) == 4 and len({c.name for c in sweep.cells}) == 4
+    assert all(c.name.startswith("name-") for c in sweep.cells)
+    assert sweep.configs[sweep.cells[1].name].data.task == "domain:code"
+    rows = S.plan(sweep)
+    assert [r["state"] for r in rows] == ["todo"] * 4 and all(r["est_min"] > 0 for r in rows)
+    assert not (tmp_path / "sw").exists()  # a dry run writes nothing
+
+
+def test_a_bad_cell_fails_before_any_cell_runs(tmp_path, tiny_dir):
+    grid = {"defense.name": ["sft", "sbr"], "defense.lam": [1.0], "data.task": ["domain:finance"]}
+    path = write_sweep(tmp_path, tiny_dir, grid)
+    with pytest.raises(C.ConfigError, match=r"cell name-sft_lam-1.0_task-finance_.*unknown key 'defense.lam'"):
+        S.load_sweep(path, tmp_path / "sw")
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp("sweep")
+    sweep = S.load_sweep(write_sweep(tmp, tiny_dir, GRID), tmp / "sw")
+    index = S.run_sweep(sweep, progress=False)
+    return tmp, sweep, index
+
+
+def test_sweep_runs_every_cell_and_report_matches_the_runs(finished):
+    tmp, sweep, index = finished
+    assert [c["state"] for c in index["cells"]] == ["done"] * 4
+    out = tmp / "report"
+    res = R.report([sweep.out_dir], out)
+    assert res["runs"] == 4 and not res["skipped"]
+    for name in ("table.md", "table.csv", "table.tex", "report.md", "report.html"):
+        assert (out / name).stat().st_size > 0
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert {r["method"] for r in rows} == {"sft", "sbr"} and {r["column"] for r in rows} == {"finance", "code"}
+    for r in rows:
+        cell = next(
+            c
+            for c in sweep.cells
+            if c.overrides["defense.name"] == r["method"] and c.overrides["data.task"].endswith(r["column"])
+        )
+        summary = json.loads((sweep.cell_dir(cell) / "eval" / "summary.json").read_text())
+        entry = {"asr": ("harmful", "asr"), "over_refusal": ("over_refusal", "refusal_rate")}.get(r["metric"])
+        if entry:
+            rate, n = summary[entry[0]][entry[1]], summary[entry[0]]["n"]
+        else:
+            util = next(v for k, v in summary.items() if k.startswith("utility:"))
+            rate, n = util["accuracy"], util["n"]
+        low, high = wilson(round(rate * n), n)
+        assert float(r["mean"]) == pytest.approx(rate) and int(r["n"]) == n
+        assert (float(r["ci_low"]), float(r["ci_high"])) == pytest.approx((low, high), abs=1e-6)
+    text = (out / "report.md").read_text()
+    assert "max_new_tokens" in text and "chat template sha256" in text and "commit" in text
+
+
+def test_finished_cells_are_skipped_on_rerun(finished):
+    tmp, sweep, _ = finished
+    before = {c.name: (sweep.cell_dir(c) / "done.json").stat().st_mtime_ns for c in sweep.cells}
+    S.run_sweep(sweep, progress=False)
+    assert before == {c.name: (sweep.cell_dir(c) / "done.json").stat().st_mtime_ns for c in sweep.cells}
+
+
+def test_kill_mid_cell_then_rerun_gives_the_same_table(tmp_path, tiny_dir, finished):
+    _, done_sweep, _ = finished
+    path = write_sweep(tmp_path, tiny_dir, GRID)
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "safeft", "sweep", str(path), "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = S.load_sweep(path, out).cells[1]
+    target = out / "cells" / second.name / "checkpoints" / "step-000002" / "state.json"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert target.exists(), "the sweep never reached the second cell's step 2"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "cells" / second.name / "done.json").exists()
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    a = R.to_csv(*R.table(R.collect([out])[0]))
+    b = R.to_csv(*R.table(R.collect([done_sweep.out_dir])[0]))
+    assert a == b
+
+
+def test_a_failing_cell_is_recorded_and_the_others_run(tmp_path, tiny_dir, monkeypatch):
+    grid = {"defense.name": ["sft"], "train.seed": [0, 1], "data.task": ["domain:finance"]}
+    sweep = S.load_sweep(write_sweep(tmp_path, tiny_dir, grid), tmp_path / "sw")
+    real = S.run_cell
+
+    def flaky(sw, cell, progress=True):
+        if cell.overrides["train.seed"] == 0:
+            raise RuntimeError("boom")
+        return real(sw, cell, progress)
+
+    monkeypatch.setattr(S, "run_cell", flaky)
+    index = S.run_sweep(sweep, progress=False)
+    assert [c["state"] for c in index["cells"]] == ["failed", "done"]
+    err = json.loads((sweep.cell_dir(sweep.cells[0]) / "error.json").read_text())
+    assert "boom" in err["error"] and "Traceback" in err["traceback"]
+    res = R.report([sweep.out_dir], tmp_path / "rep")
+    assert res["runs"] == 1 and "failed" in res["skipped"][0]
+
+
+def test_seeds_are_aggregated_with_a_t_interval():
+    cell = R.aggregate([(3, 10), (5, 10), (4, 10)])
+    rates = [0.3, 0.5, 0.4]
+    m = sum(rates) / 3
+    sd = math.sqrt(sum((r - m) ** 2 for r in rates) / 2)
+    assert cell.mean == pytest.approx(m) and cell.seeds == 3
+    assert cell.high - cell.mean == pytest.approx(4.303 * sd / math.sqrt(3))
+    one = R.aggregate([(3, 10)])
+    assert (one.low, one.high) == pytest.approx(wilson(3, 10))
+
+
+def test_pareto_front():
+    pts = [(0.1, 0.1), (0.2, 0.3), (0.05, 0.5), (0.2, 0.2), (0.3, 0.9)]
+    assert sorted(R.pareto_front(pts)) == [0, 3, 4]
