@@ -278,3 +278,21 @@ def test_step_and_dtype_options(runs, tmp_path):
     with safe_open(str(res.out / "model.safetensors"), "pt") as f:
         names = f.keys()  # a safe_open handle is not iterable itself
         assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+
+
+def test_the_runs_chat_template_travels_with_the_export(runs, tmp_path):
+    from transformers import AutoTokenizer
+
+    from safeft.data.chat import load_chat_template
+    from safeft.testing import CHATML
+
+    jinja = tmp_path / "plain.jinja"
+    jinja.write_text(CHATML.replace("You are a tiny test model.", "You are an exported model."))
+    cfg = tiny_run_config(
+        tmp_path, f"model.spec={runs['tiny']}", "run_id=tmpl", "train.steps=1", f"data.chat_template={jinja}"
+    )
+    run = train(cfg, progress=False).run_dir
+    want = load_chat_template(str(jinja)).jinja
+    E.export(run, tmp_path / "out", "merged")
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).chat_template == want  # not the base's own
+    assert models.load(str(run))[1].chat_template == want
