@@ -119,9 +119,10 @@ class AnchorSet:
             log.warning("anchors: %d harmful prompts given, fewer than n_anchors=%d; using all", len(prompts), self.n)
         if self.y_ref is None:
             if self.max_new_tokens > 0:
-                settings = GenSettings(
-                    max_new_tokens=self.max_new_tokens,
+                settings = GenSettings.from_eval(  # the one way every verb decodes (eval.* sampling settings)
+                    ctx.cfg.eval,
                     system_prompt=ctx.system_prompt,
+                    max_new_tokens=self.max_new_tokens,
                     precision=ctx.cfg.train.precision,
                 )
                 with ctx.reference() as ref:

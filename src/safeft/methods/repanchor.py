@@ -87,7 +87,7 @@ from safeft.methods.anchors import (
     require,
 )
 from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.registry import METHODS
+from safeft.methods.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +165,10 @@ def pool(h: torch.Tensor, batch: Batch, sample: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the defense
 
 
-@METHODS.register("repanchor")
+@register
 class RepAnchor(Defense, Part):
     """RepAnchor: task CE + γ · CKA-drift-weighted MSE to the reference's hidden states (see module doc)."""
 
-    name = "repanchor"
     stage = "finetune"
     needs = ("reference", "harmful_prompts")
     Config = RepAnchorConfig

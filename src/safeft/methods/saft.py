@@ -84,7 +84,7 @@ from safeft.methods.anchors import (
     response_positions,
 )
 from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.registry import METHODS
+from safeft.methods.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -286,11 +286,10 @@ class AdversarialKL(Part):
 # ----------------------------------------------------------------------------- the defense
 
 
-@METHODS.register("saft")
+@register
 class SAFT(Defense):
     """SAFT: task CE + λ · KL(π_ref ‖ π_θ) on anchor prompts under a PGD embedding attack (see module doc)."""
 
-    name = "saft"
     stage = "finetune"
     needs = ("reference", "harmful_prompts")
     Config = SAFTConfig

@@ -41,7 +41,7 @@ from typing import Any
 from safeft.context import RunContext
 from safeft.methods.anchors import AnchorSet, Part, anchor_step, packs
 from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.registry import METHODS
+from safeft.methods.registry import register
 from safeft.methods.repanchor import RepAnchor, RepAnchorConfig
 from safeft.methods.saft import SAFT, SAFTConfig
 
@@ -61,11 +61,10 @@ def _member(cls: type, cfg: SAFTRepAnchorConfig) -> Any:
     return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
-@METHODS.register("saft+repanchor")
+@register
 class SAFTRepAnchor(Defense):
     """SAFT + RepAnchor: task CE + λ·adversarial KL to the reference + γ·drift-weighted MSE (see module doc)."""
 
-    name = "saft+repanchor"
     stage = "finetune"
     needs = ("reference", "harmful_prompts")
     Config = SAFTRepAnchorConfig

@@ -19,7 +19,7 @@ from safeft.data.chat import Rendered, last_prompt_index
 from safeft.hooks import unembedding_input
 from safeft.methods.anchors import AnchorSet, Outputs, Part, Request, Segment, anchor_step, packs, require, terms_alone
 from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.registry import METHODS
+from safeft.methods.registry import register
 from safeft.models import ModelError
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def final_states(ctx: RunContext, model: nn.Module, batch: Batch) -> torch.Tenso
     return h[torch.arange(h.shape[0], device=h.device), idx].float()
 
 
-@METHODS.register("sbr")
+@register
 class SBR(Defense, Part):
     r"""Pin the final hidden state of harmful prompts, where the reply starts, to the aligned model's.
 
@@ -127,7 +127,6 @@ class SBR(Defense, Part):
     (``backward="once"``, as the released code).
     """
 
-    name = "sbr"
     stage = "finetune"
     needs = ("reference", "harmful_prompts")
     Config = SBRConfig
