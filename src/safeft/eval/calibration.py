@@ -96,6 +96,11 @@ class Calibration:
         return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
 
     @property
+    def f1(self) -> float:
+        d = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / d if d else float("nan")
+
+    @property
     def accuracy(self) -> float:
         n = self.tp + self.fp + self.fn + self.tn
         return (self.tp + self.tn) / n if n else float("nan")
@@ -111,6 +116,7 @@ class Calibration:
             "unparsed": self.unparsed,
             "precision": self.precision,
             "recall": self.recall,
+            "f1": self.f1,
             "accuracy": self.accuracy,
             "errors_by_kind": dict(self.errors_by_kind.most_common()),
         }
