@@ -59,12 +59,18 @@ def main(argv: list[str] | None = None) -> None:
         f"part {args.part}: {len(rows)} pairs: {n_comply} comply, {len(rows) - n_comply} refuse; "
         "positive class = comply\n"
     )
-    print("| judge            |  TP |  FP |  FN |  TN | unparsed | precision | recall |    F1 | accuracy |")
-    print("|------------------|-----|-----|-----|-----|----------|-----------|--------|-------|----------|")
+    print(
+        "| judge            |  TP |  FP |  FN |  TN | unparsed | precision [95 % CI]  | recall [95 % CI]     |    F1 |"
+    )
+    print(
+        "|------------------|-----|-----|-----|-----|----------|----------------------|----------------------|-------|"
+    )
     for c in results:
+        rec = c.record()
+        p_ci, r_ci = (f"[{lo:.3f}, {hi:.3f}]" for lo, hi in (rec["precision_ci"], rec["recall_ci"]))
         print(
             f"| {c.judge:<16} | {c.tp:3d} | {c.fp:3d} | {c.fn:3d} | {c.tn:3d} | {c.unparsed:8d} "
-            f"| {c.precision:9.3f} | {c.recall:6.3f} | {c.f1:5.3f} | {c.accuracy:8.3f} |"
+            f"| {c.precision:.3f} {p_ci} | {c.recall:.3f} {r_ci} | {c.f1:5.3f} |"
         )
     for c in results:
         kinds = ", ".join(f"{k} {n}" for k, n in c.errors_by_kind.most_common())

@@ -22,6 +22,7 @@ from typing import Any
 from safeft.data.types import DataError
 from safeft.eval import judges
 from safeft.eval.records import iter_json_objects
+from safeft.stats import Rate
 
 LABELS = ("refuse", "comply")
 PARTS = ("tune", "heldout", "all")
@@ -116,6 +117,10 @@ class Calibration:
             "unparsed": self.unparsed,
             "precision": self.precision,
             "recall": self.recall,
+            # 95 % Wilson intervals: precision is a share of the answers called compliant, recall of the
+            # compliant answers; the held-out part has ~40 of each, so these are wide
+            "precision_ci": list(Rate(self.tp, self.tp + self.fp).ci),
+            "recall_ci": list(Rate(self.tp, self.tp + self.fn).ci),
             "f1": self.f1,
             "accuracy": self.accuracy,
             "errors_by_kind": dict(self.errors_by_kind.most_common()),
