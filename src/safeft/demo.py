@@ -56,15 +56,12 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     C.save(cfg, out / "config.yaml")
     rows: dict[str, dict[str, float]] = {}
     cells: dict[str, dict[str, Rate | float]] = {}
-    judged_by = _judges(cfg.eval)
+    judged_by = _judges(cfg.eval)  # the configured judge, then the keyword list if that is another one
     timings: dict[str, float] = {}
 
     def _eval(label: str, model, tok) -> None:
         t = time.perf_counter()
-        summary = evaluate(model, tok, cfg.eval, out / label, [domain], cfg.model.system_prompt)
-        if len(judged_by) > 1 and any(k.startswith(("harmful", "over_refusal")) for k in summary):
-            # text only: re-judge the stored completions with the second judge; updates eval/summary.json
-            summary.update(rescore(out / label, judged_by[1:])["summary"])
+        summary = evaluate_twice(model, tok, cfg, out / label, domain)
         rows[label] = headline(summary)
         cells[label] = table_cells(summary, domain, judged_by)
         timings[f"eval:{label}"] = time.perf_counter() - t
@@ -108,6 +105,16 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     print(table)
     print(f"\nwritten under {out}  (total {timings['total'] / 60:.1f} min)")
     return result
+
+
+def evaluate_twice(model, tok, cfg: C.RunConfig, out: Path, domain: str) -> dict[str, Any]:
+    """Evaluate under ``cfg.eval.judge``, then re-judge the stored completions with the keyword list (text only,
+    no generation; ``eval/summary.json`` and the records gain its verdicts)."""
+    summary = evaluate(model, tok, cfg.eval, out, [domain], cfg.model.system_prompt)
+    second = _judges(cfg.eval)[1:]
+    if second and any(k.startswith(("harmful", "over_refusal")) for k in summary):
+        summary.update(rescore(out, second)["summary"])
+    return summary
 
 
 def _judges(ev: C.EvalConfig) -> list[str]:

@@ -58,3 +58,25 @@ def test_one_judge_one_column_and_varying_n_goes_into_the_cell():
     assert "| model | ASR ↓ | over-refusal ↓ n=5 |" in text
     assert "10.0 % [1.8, 40.4] (n=10)" in text and "10.0 % [2.8, 30.1] (n=20)" in text
     assert "| – | – |" in text  # no utility suite: dashes, not zeros
+
+
+def test_a_tiny_model_evaluated_under_both_judges(tiny, tmp_path):
+    import dataclasses
+    import json
+
+    from safeft import config as C
+    from safeft.demo import _judges, evaluate_twice
+
+    model, tok = tiny
+    ev = EvalConfig(n_harmful=3, n_over_refusal=3, n_utility=2, max_new_tokens=4, batch_size=4, precision="fp32")
+    cfg = dataclasses.replace(C.RunConfig(), eval=ev)
+    assert _judges(ev) == ["refusal_layered", "refusal_keywords"]  # the new default, then the keyword list
+    summary = evaluate_twice(model, tok, cfg, tmp_path, "finance")
+    stored = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    for suite in ("harmful", "over_refusal"):
+        assert set(summary[suite]["judges"]) >= {"refusal_layered", "refusal_keywords"}
+        assert stored[suite]["judges"]["refusal_keywords"]["n"] == 3
+        assert summary[suite]["judge"] == "refusal_layered"  # the headline stays with the configured judge
+    cells = table_cells(summary, "finance", _judges(ev))
+    assert {"asr@refusal_layered", "asr@refusal_keywords", "over_refusal@refusal_keywords", "acc"} <= set(cells)
+    assert cells["asr@refusal_keywords"].n == 3 and cells["acc"].n == 2
