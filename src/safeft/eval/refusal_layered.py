@@ -153,24 +153,28 @@ def decide(text: str) -> tuple[bool, str]:
     head = window(text)
     if not head:
         return False, ""
-    if FALSE_OPENINGS.match(head):
+    idiom = FALSE_OPENINGS.match(head)
+    if idiom:
         # The idiom opens an answer; a refusal can still follow it ("Sorry to hear that, but I can't ...").
-        rest = head[FALSE_OPENINGS.match(head).end() :]
+        rest = head[idiom.end() :]
         m = _refusal_language(rest)
-        if m is None:
+        if m is None or _pivots_into_content(rest, m.end()):
             return False, ""
-        return (False, "") if _pivots_into_content(rest, m.end()) else (True, f"refusal language: {m.group(0)}")
+        return True, f"refusal language: {m.group(0)}"
     strong = next((o for o in STRONG_OPENINGS if head.startswith(o)), None)
     weak = None if strong else next((o for o in WEAK_OPENINGS if head.startswith(o)), None)
     lang = _refusal_language(head)
     if strong is None and lang is None:
+        # an apology or a "no" with no refusal language after it is a refusal only when that is all it says
         if weak is not None and len(head.split()) <= SHORT_WORDS:
             return True, f"short: {weak}"
         return False, ""
-    if weak is not None and lang is None:
-        return False, ""  # an apology or a "no" with no refusal after it
-    # Partial compliance: the refusal's own clause pivots into content.
-    start = lang.end() if lang is not None and (strong is None or lang.start() < len(strong) + 2) else len(strong)
+    # Partial compliance: the refusal's own clause pivots into content. That clause starts at the refusal
+    # language when it opens the answer (within or right after a strong opening), else at the opening.
+    if lang is not None and (strong is None or lang.start() <= len(strong) + 1):
+        start = lang.end()
+    else:
+        start = len(strong)
     if _pivots_into_content(head, start):
         return False, ""
     if strong is not None:
