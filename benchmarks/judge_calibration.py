@@ -5,6 +5,7 @@ confusion counts, precision, recall and accuracy, then which kinds of answer it 
 "comply/illegal_mention": compliant answers that mention "illegal" and the judge called refusals).
 
     .venv/bin/python benchmarks/judge_calibration.py                      # the rule judges
+    .venv/bin/python benchmarks/judge_calibration.py --part heldout       # on the half no rule was tuned on
     .venv/bin/python benchmarks/judge_calibration.py --errors             # and every misjudged answer
     .venv/bin/python benchmarks/judge_calibration.py --kinds marker plain long short   # the easy cases only
     .venv/bin/python benchmarks/judge_calibration.py --judge 'llama_guard:model=/models/guard'  # any judge
@@ -17,19 +18,25 @@ import json
 
 from safeft.eval import calibration, judges
 
-RULE_JUDGES = ("refusal_keywords", "refusal_rule")
+RULE_JUDGES = ("refusal_keywords", "refusal_rule", "refusal_layered")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--judge", action="append", help=f"judge spec (repeatable); default: {', '.join(RULE_JUDGES)}")
     p.add_argument("--data", help="a calibration JSONL file (default: the one shipped with safeft)")
+    p.add_argument(
+        "--part",
+        choices=calibration.PARTS,
+        default="all",
+        help="tune: the half refusal_layered was designed on; heldout: the other half (report this); all",
+    )
     p.add_argument("--kinds", nargs="+", help="only rows of these kinds (e.g. marker plain long short)")
     p.add_argument("--errors", action="store_true", help="print every misjudged answer")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
 
-    rows = calibration.load(args.data)
+    rows = calibration.select(calibration.load(args.data), args.part)
     if args.kinds:
         rows = [r for r in rows if r["kind"] in args.kinds]
         if not rows:
@@ -44,17 +51,26 @@ def main(argv: list[str] | None = None) -> None:
     ]
 
     if args.json:
-        out = {"n": len(rows), "n_comply": n_comply, "results": [c.record() for c in results]}
+        out = {"part": args.part, "n": len(rows), "n_comply": n_comply, "results": [c.record() for c in results]}
         out["incoherent_false_alarms"] = len(flagged)
         print(json.dumps(out, indent=2))
         return
-    print(f"{len(rows)} pairs: {n_comply} comply, {len(rows) - n_comply} refuse; positive class = comply\n")
-    print("| judge            |  TP |  FP |  FN |  TN | unparsed | precision | recall | accuracy |")
-    print("|------------------|-----|-----|-----|-----|----------|-----------|--------|----------|")
+    print(
+        f"part {args.part}: {len(rows)} pairs: {n_comply} comply, {len(rows) - n_comply} refuse; "
+        "positive class = comply\n"
+    )
+    print(
+        "| judge            |  TP |  FP |  FN |  TN | unparsed | precision [95 % CI]  | recall [95 % CI]     |    F1 |"
+    )
+    print(
+        "|------------------|-----|-----|-----|-----|----------|----------------------|----------------------|-------|"
+    )
     for c in results:
+        rec = c.record()
+        p_ci, r_ci = (f"[{lo:.3f}, {hi:.3f}]" for lo, hi in (rec["precision_ci"], rec["recall_ci"]))
         print(
             f"| {c.judge:<16} | {c.tp:3d} | {c.fp:3d} | {c.fn:3d} | {c.tn:3d} | {c.unparsed:8d} "
-            f"| {c.precision:9.3f} | {c.recall:6.3f} | {c.accuracy:8.3f} |"
+            f"| {c.precision:.3f} {p_ci} | {c.recall:.3f} {r_ci} | {c.f1:5.3f} |"
         )
     for c in results:
         kinds = ", ".join(f"{k} {n}" for k, n in c.errors_by_kind.most_common())

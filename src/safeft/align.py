@@ -23,7 +23,7 @@ from pathlib import Path
 from safeft import config as C
 from safeft import io, models
 from safeft.data import refusals
-from safeft.data.splits import assert_no_leakage, safety_splits
+from safeft.data.splits import assert_no_leakage, assert_probes_held_out, safety_splits
 from safeft.data.types import Example
 from safeft.eval.generate import GenSettings, generate
 
@@ -92,6 +92,8 @@ def select_prompts(cfg: C.RunConfig) -> tuple[list[Example], list[str]]:
         benign = edgy + rng.sample(plain, ac.n_benign - len(edgy))
     else:
         raise C.ConfigError(f"align.benign_mix must be sample or edgy_first, not {ac.benign_mix!r}")
+    # Before any generation: over-refusal is reported on the test probes, which must never be trained on.
+    assert_probes_held_out(alignment=harmful + [Example(f"benign-{i}", p) for i, p in enumerate(benign)])
     return harmful, benign
 
 
@@ -108,6 +110,7 @@ def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True)
     ]
     rows = harmful + benign
     assert_no_leakage(safety_splits(seed=ac.seed).test, alignment=rows)
+    assert_probes_held_out(alignment=rows)
     return rows
 
 

@@ -105,7 +105,7 @@ class EvalConfig:
     n_utility: int | None = 100  # items of the task domain's test split; None = all 200
     max_new_tokens: int = 64
     batch_size: int = 64
-    judge: str = "refusal_keywords"
+    judge: str = "refusal_layered"  # beats the 29-marker list on held-out calibration pairs (docs/judges.md)
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; weights are never cast)
     seed: int = 0
     # suites run by `safeft eval` when no --suite is given: harmful[:<source>], over_refusal,

@@ -2,6 +2,10 @@
 
 base model --align--> aligned model --fine-tune on a benign domain, per method--> evaluate all of them,
 print one table (ASR, over-refusal, utility) and write everything under ``runs/demo-<time>/``.
+
+Every rate in the table carries its 95 % Wilson interval and n (``safeft.stats``). ASR and over-refusal are
+shown under the configured judge and, re-judged from the stored completions (no generation), under the
+29-marker keyword list the field reports, so a change of judge can never hide inside one number.
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ from typing import Any
 from safeft import config as C
 from safeft import io, models
 from safeft.align import align
+from safeft.eval.records import rescore
 from safeft.eval.suites import evaluate, headline
+from safeft.stats import Rate, rate_in
 from safeft.train import train
 
 log = logging.getLogger(__name__)
+
+# The judge most papers report ASR with; the demo shows it beside the configured one.
+SECOND_OPINION = "refusal_keywords"
 
 
 def _domain(cfg: C.RunConfig) -> str:
@@ -49,12 +58,15 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     C.save(cfg, out / "config.yaml")
     rows: dict[str, dict[str, float]] = {}
+    cells: dict[str, dict[str, Rate | float]] = {}
+    judged_by = _judges(cfg.eval)  # the configured judge, then the keyword list if that is another one
     timings: dict[str, float] = {}
 
     def _eval(label: str, model, tok) -> None:
         t = time.perf_counter()
-        summary = evaluate(model, tok, cfg.eval, out / label, [domain], cfg.model.system_prompt)
+        summary = evaluate_twice(model, tok, cfg, out / label, domain)
         rows[label] = headline(summary)
+        cells[label] = table_cells(summary, domain, judged_by)
         timings[f"eval:{label}"] = time.perf_counter() - t
         log.info("%s: %s", label, rows[label])
 
@@ -86,28 +98,80 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
         "domain": domain,
         "aligned_model": str(aligned_dir),
         "rows": rows,
+        "rates": {label: {k: v.record() for k, v in c.items() if isinstance(v, Rate)} for label, c in cells.items()},
         "timings_s": timings,
         "eval": dataclasses.asdict(cfg.eval),
     }
     io.write_json(out / "summary.json", result)
-    table = format_table(rows, domain, cfg.eval)
+    table = format_table(cells, domain, cfg.eval)
     io.write_text(out / "summary.md", table + "\n")
     print(table)
     print(f"\nwritten under {out}  (total {timings['total'] / 60:.1f} min)")
     return result
 
 
-def format_table(rows: dict[str, dict[str, float]], domain: str, ev: C.EvalConfig) -> str:
-    head = f"| model | ASR ↓ | over-refusal ↓ | {domain} acc ↑ | {domain} answer NLL ↓ |"
-    lines = [head, "|---|---|---|---|---|"]
-    for label, r in rows.items():
-        lines.append(
-            f"| {label} | {r.get('asr', float('nan')):.1%} | {r.get('over_refusal', float('nan')):.1%} | "
-            f"{r.get(f'utility:{domain}/acc', float('nan')):.1%} | {r.get(f'utility:{domain}/nll', float('nan')):.3f} |"
-        )
-    n_h = ev.n_harmful if ev.n_harmful is not None else 200
+def evaluate_twice(model, tok, cfg: C.RunConfig, out: Path, domain: str) -> dict[str, Any]:
+    """Evaluate under ``cfg.eval.judge``, then re-judge the stored completions with the keyword list (text only,
+    no generation; ``eval/summary.json`` and the records gain its verdicts)."""
+    summary = evaluate(model, tok, cfg.eval, out, [domain], cfg.model.system_prompt)
+    second = _judges(cfg.eval)[1:]
+    if second and any(k.startswith(("harmful", "over_refusal")) for k in summary):
+        summary.update(rescore(out, second)["summary"])
+    return summary
+
+
+def _judges(ev: C.EvalConfig) -> list[str]:
+    """The judges the table shows: the configured one first, then the keyword list if that is another."""
+    from safeft.eval.judges import name_of
+
+    return [ev.judge] + ([SECOND_OPINION] if name_of(ev.judge) != SECOND_OPINION else [])
+
+
+def table_cells(summary: dict[str, Any], domain: str, judged_by: list[str]) -> dict[str, Rate | float]:
+    """One table row: ``asr@<judge>`` and ``over_refusal@<judge>`` per judge, ``acc`` (Rates) and ``nll``."""
+    from safeft.eval.judges import name_of
+
+    out: dict[str, Rate | float] = {}
+    for suite, key, col in (("harmful", "asr", "asr"), ("over_refusal", "refusal_rate", "over_refusal")):
+        per_judge = summary.get(suite, {}).get("judges", {})
+        for spec in judged_by:
+            r = rate_in(per_judge.get(name_of(spec), {}), key)
+            if r is not None:
+                out[f"{col}@{name_of(spec)}"] = r
+    util = summary.get(f"utility:{domain}", {})
+    if (acc := rate_in(util, "accuracy")) is not None:
+        out["acc"] = acc
+    if "answer_nll" in util:
+        out["nll"] = util["answer_nll"]
+    return out
+
+
+def format_table(cells: dict[str, dict[str, Rate | float]], domain: str, ev: C.EvalConfig) -> str:
+    """Markdown table; each rate as "8.0 % [4.1, 15.0]" with its n in the header (or the cell, if n varies)."""
+    from safeft.eval.judges import name_of
+
+    judged_by = [name_of(j) for j in _judges(ev)]
+    cols: list[tuple[str, str]] = []  # (cell key, header)
+    for col, title in (("asr", "ASR ↓"), ("over_refusal", "over-refusal ↓")):
+        for j in judged_by:
+            cols.append((f"{col}@{j}", title if len(judged_by) == 1 else f"{title} ({j})"))
+    cols += [("acc", f"{domain} acc ↑"), ("nll", f"{domain} answer NLL ↓")]
+    ns = {key: {c[key].n for c in cells.values() if isinstance(c.get(key), Rate)} for key, _ in cols}
+    heads = [h + (f" n={next(iter(ns[key]))}" if len(ns[key]) == 1 else "") for key, h in cols]
+    lines = ["| model | " + " | ".join(heads) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, c in cells.items():
+        row = []
+        for key, _ in cols:
+            v = c.get(key)
+            if isinstance(v, Rate):
+                text = v.format()
+                row.append(text if len(ns[key]) > 1 else text.rsplit(" (n=", 1)[0])
+            else:
+                row.append("–" if v is None else f"{v:.3f}")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
     lines.append(
-        f"\nASR: HarmBench test prompts (n={n_h}), judge {ev.judge}, greedy, max_new_tokens={ev.max_new_tokens}. "
-        "Over-refusal: our benign edgy probes. Utility: the domain's test split."
+        f"\nASR: HarmBench test prompts, greedy, max_new_tokens={ev.max_new_tokens}; judges: {', '.join(judged_by)} "
+        "(the first decides eval/summary.json's headline). Over-refusal: our benign-but-edgy probes. Utility: "
+        "the domain's test split. Brackets: 95 % Wilson intervals."
     )
     return "\n".join(lines)

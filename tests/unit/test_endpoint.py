@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from safeft import io
 from safeft.eval import judges, records
 from safeft.eval.endpoint import ChatEndpoint, Failure
 from safeft.eval.judges import JudgeError
@@ -158,8 +159,8 @@ def test_one_http_error_does_not_abort_a_rescore(server, rubric, tmp_path):
         for i, p in enumerate(["how to a", "BAD how to b", "how to c", "how to d"])
     ]
     records.add_verdicts(recs, judges.get("refusal_keywords")([r["prompt"] for r in recs], [""] * 4))
-    records.write_records(ev / "harmful.jsonl", recs)
-    records.write_json(ev / "summary.json", {"harmful": {"judge": "refusal_keywords", "n": 4}})
+    io.write_jsonl(ev / "harmful.jsonl", recs)
+    io.write_json(ev / "summary.json", {"harmful": {"judge": "refusal_keywords", "n": 4}})
 
     spec = f"strongreject:endpoint={server.url},api_model=m,rubric_dir={rubric},max_retries=1,concurrency=2"
     res = records.rescore(tmp_path / "run", [spec])

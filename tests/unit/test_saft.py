@@ -14,6 +14,7 @@ import safeft.methods.saft_repanchor  # noqa: F401  (registers "saft+repanchor")
 from safeft import config as C
 from safeft import models
 from safeft.data.types import Example
+from safeft.methods.anchors import prompt_mask
 from safeft.methods.saft import (
     SAFT,
     KLTarget,
@@ -21,7 +22,6 @@ from safeft.methods.saft import (
     embed,
     kl_to_reference,
     pgd,
-    prompt_mask,
     reference_target,
 )
 from safeft.testing import make_ctx, tiny_run_config

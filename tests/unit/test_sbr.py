@@ -187,6 +187,7 @@ def test_a_model_without_output_embeddings_is_refused(tiny, tmp_path):
 def test_bad_config_is_rejected():
     from safeft.methods.sbr import SBRConfig
 
-    for bad in (SBRConfig(lam=-1.0), SBRConfig(n_anchors=0), SBRConfig(anchor_batch=0)):
+    # the check lives in SBRConfig.__post_init__, so the config is built inside the raises block
+    for bad in ({"lam": -1.0}, {"n_anchors": 0}, {"anchor_batch": 0}):
         with pytest.raises(C.ConfigError):
-            SBR(bad)
+            SBR(SBRConfig(**bad))

@@ -6,7 +6,7 @@
   the "harmful answer" is only a templated compliance opener ("Sure, here is how ..."): no harmful content
   is needed to find the direction from refusing to complying, and none is wanted in this repository.
 
-Every set is checked against the HarmBench test set before it is handed out.
+Every set is checked against the HarmBench test set and the over-refusal test probes before it is handed out.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterable
 
 from safeft.data import refusals
-from safeft.data.splits import assert_no_leakage, safety_splits
+from safeft.data.splits import assert_no_leakage, assert_probes_held_out, safety_splits
 from safeft.data.types import Example
 
 # Needs that are services of the loop rather than data.
@@ -70,4 +70,5 @@ def build_aux(needs: Iterable[str], seed: int = 0) -> dict[str, list[Example]]:
                 for e in splits.anchor
             ]
     assert_no_leakage(splits.test, **out)
+    assert_probes_held_out(**out)
     return out

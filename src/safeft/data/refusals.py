@@ -1,8 +1,10 @@
 """Texts we wrote ourselves for safety alignment and over-refusal measurement.
 
-``REFUSALS`` are the SFT targets paired with harmful prompts. ``OVER_REFUSAL_PROBES`` is a held-out test
-set of benign prompts that merely sound edgy; ``BENIGN_EDGY_PROMPTS`` are training prompts in the same
-spirit and must stay disjoint from the probes so over-refusal is measured on unseen prompts.
+``REFUSALS`` are the SFT targets paired with harmful prompts. ``OVER_REFUSAL_PROBES`` are the first 119
+benign prompts that merely sound edgy; they chose the current alignment setting, so they now belong to the
+*dev* split of the over-refusal probes, never to test (``safeft.data.probes`` has the split and the 311
+newer probes, and is what the ``over_refusal`` suite reads). ``BENIGN_EDGY_PROMPTS`` are training prompts
+in the same spirit and stay disjoint from every probe.
 ``BENIGN_PROMPTS`` are plain helpful requests mixed into alignment data so helpfulness is not traded away.
 """
 

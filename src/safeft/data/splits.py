@@ -10,6 +10,10 @@ safety were never used to *train* or *tune* it. The fixed protocol is:
 
 :func:`assert_no_leakage` enforces this at split time, and callers that build their own training sets
 should call it again before training.
+
+The benign over-refusal probes have their own fixed train / dev / test split (``safeft.data.probes``);
+:func:`assert_probes_held_out` raises when a test-split probe appears in training data, and the alignment
+data and every defense's aux data are checked with it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "LeakageError",
     "SafetySplits",
     "assert_no_leakage",
+    "assert_probes_held_out",
     "find_leaks",
     "safety_splits",
     "split_ids",
@@ -103,6 +108,19 @@ def assert_no_leakage(test: Sequence[Example], **train_sets: Sequence[Example]) 
         problems.append(f"{len(distinct)} test prompt(s) leak into {name!r}: {shown}{more}")
     if problems:
         raise LeakageError("test/train leakage: " + "; ".join(problems))
+
+
+def assert_probes_held_out(**train_sets: Sequence[Example]) -> None:
+    """Raise :class:`LeakageError` if a test-split over-refusal probe occurs in any named training set.
+
+    Usage: ``assert_probes_held_out(alignment=rows)``. The test probes are what over-refusal is reported
+    on; one of them in the training data would make that number a training-set number."""
+    from safeft.data.probes import over_refusal_probes
+
+    try:
+        assert_no_leakage(over_refusal_probes("test"), **train_sets)
+    except LeakageError as e:
+        raise LeakageError(f"over-refusal test probes in training data: {e}") from None
 
 
 def _truncate(text: str) -> str:

@@ -46,6 +46,7 @@ from safeft.data.chat import Rendered, collate, last_prompt_index, render
 from safeft.data.types import Example
 from safeft.diagnose.cka import StreamingCKA, linear_cka
 from safeft.hooks import capture, eval_mode
+from safeft.stats import Rate
 
 log = logging.getLogger(__name__)
 
@@ -363,5 +364,7 @@ def diagnose_run(run_dir: Path, dc: DriftConfig = DriftConfig(), progress: bool 
         src = logged.get(rec["step"]) or (rec.get("asr_computed") if dc.asr_prompts else None)
         rec["asr"] = None if src is None else src["asr"]
         rec["asr_n"] = None if src is None else src["n"]
+        # 20 prompts per checkpoint is the default: the interval says how far apart two points must be to differ
+        rec["asr_ci"] = None if src is None else list(Rate.of(src["asr"], src["n"]).ci)
     settings = {**asdict(dc), "layers": n_layers}
     return {"run": str(run_dir), "name": run_dir.name, "layers": n_layers, "config": settings, "steps": steps}

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from safeft.stats import Rate
+
 SAMPLE_NAMES = {"mean": "prompt-mean", "last": "last-token", "token": "token-level"}
 
 
@@ -108,6 +110,8 @@ def localise(record: dict[str, Any], th: Thresholds = Thresholds()) -> dict[str,
         "onset_kl_step": onset_kl,
         "unsafe_at_start": unsafe_at_start,  # ASR already >= threshold at the first evaluation: nothing to collapse
         "asr": asr,
+        "asr_n": [st.get("asr_n") for st in record["steps"]],
+        "asr_ci": [st.get("asr_ci") for st in record["steps"]],
         "kl_harmful": kl,
         "kl_benign": [st["probes"]["benign"]["kl"] for st in record["steps"]],
         "mean_cka_final": mean_cka,
@@ -115,6 +119,11 @@ def localise(record: dict[str, Any], th: Thresholds = Thresholds()) -> dict[str,
     }
     summary["verdict"] = verdict(summary)
     return summary
+
+
+def _asr(value: float, n: int | None) -> str:
+    """An ASR with its Wilson interval and n when the count is known (logged or computed ASR always is)."""
+    return f"{value:.0%}" if not n else Rate.of(value, n).format(digits=0)
 
 
 def verdict(s: dict[str, Any]) -> str:
@@ -126,8 +135,8 @@ def verdict(s: dict[str, Any]) -> str:
         f"{noun} {s['concentrated_ranges']} (0-based, of {s['layers']}; {s['concentrated_share']:.0%} of the drift "
         f"rise to step {s['drift_rise_step']} vs {s['uniform_share']:.0%} if uniform; peak {s['peak_layer']})"
     )
-    asr = [a for a in s["asr"] if a is not None]
-    asr_txt = f", ASR {asr[0]:.0%}→{asr[-1]:.0%}" if asr else ""
+    asr = [(a, n) for a, n in zip(s["asr"], s.get("asr_n") or [None] * len(s["asr"]), strict=True) if a is not None]
+    asr_txt = f", ASR {_asr(*asr[0])}→{_asr(*asr[-1])}" if asr else ""
     kl_txt = f", harmful KL {s['kl_harmful'][-1]:.3g}"
     if s["onset_step"] is None:
         th = s["thresholds"]

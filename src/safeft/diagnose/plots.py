@@ -34,15 +34,17 @@ def write_csvs(record: dict[str, Any], out: Path) -> list[Path]:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         mean_cols = [f"mean_cka_{p}_{s}" for p in PROBES for s in SAMPLES]
-        w.writerow(["step", "asr", "asr_n", "kl_harmful", "kl_benign", *mean_cols])
+        w.writerow(["step", "asr", "asr_n", "asr_ci_low", "asr_ci_high", "kl_harmful", "kl_benign", *mean_cols])
         for st in record["steps"]:
             means = [sum(st["probes"][p]["cka"][s]) / n for p in PROBES for s in SAMPLES]
             asr = "" if st.get("asr") is None else f"{st['asr']:.4f}"
+            ci = [f"{x:.4f}" for x in st["asr_ci"]] if st.get("asr_ci") else ["", ""]
             w.writerow(
                 [
                     st["step"],
                     asr,
                     st.get("asr_n") or "",
+                    *ci,
                     f"{st['probes']['harmful']['kl']:.6f}",
                     f"{st['probes']['benign']['kl']:.6f}",
                     *[f"{m:.6f}" for m in means],
@@ -117,6 +119,11 @@ def plot_overview(records: list[dict[str, Any]], summaries: list[dict[str, Any]]
         ax2 = ax.twinx()
         if asr:
             ax2.plot([a[0] for a in asr], [a[1] for a in asr], "D-", color="tab:blue", label="ASR")
+            band = [(s, st["asr_ci"]) for s, st in zip(steps, rec["steps"], strict=True) if st.get("asr_ci")]
+            if band:  # the 95 % Wilson interval: with 20 prompts per checkpoint it is wide, and should look it
+                ax2.fill_between(
+                    [b[0] for b in band], [b[1][0] for b in band], [b[1][1] for b in band], color="tab:blue", alpha=0.15
+                )
         ax2.set_ylim(-0.02, 1.02)
         ax2.set_ylabel("ASR")
         if summ.get("onset_step") is not None:

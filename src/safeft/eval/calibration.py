@@ -12,6 +12,7 @@ judge called compliant, the share that were; recall = of the compliant answers, 
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,8 +22,14 @@ from typing import Any
 from safeft.data.types import DataError
 from safeft.eval import judges
 from safeft.eval.records import iter_json_objects
+from safeft.stats import Rate
 
 LABELS = ("refuse", "comply")
+PARTS = ("tune", "heldout", "all")
+
+# The salt fixes the tune / held-out cut once and for all; changing it would let a judge designer re-draw the
+# cut until the held-out numbers look good, so it is a constant, not an option.
+_SPLIT_SALT = "safeft-judge-calibration-v1"
 
 
 def default_path() -> Path:
@@ -44,6 +51,23 @@ def load(path: str | Path | None = None) -> list[dict[str, Any]]:
         seen.add(row["id"])
         rows.append(row)
     return rows
+
+
+def part_of(row_id: str) -> str:
+    """``tune`` or ``heldout``: half the rows each, by a hash of the id (not by position).
+
+    A rule judge is designed on ``tune`` only and reported on ``heldout``. Hashing the id keeps every row in
+    its part when rows are added or reordered, so the held-out part never leaks into tuning by an edit.
+    """
+    digest = hashlib.sha256(f"{_SPLIT_SALT}\x00{row_id}".encode()).digest()
+    return "tune" if int.from_bytes(digest[:8], "big") < 2**63 else "heldout"
+
+
+def select(rows: list[dict[str, Any]], part: str) -> list[dict[str, Any]]:
+    """The rows of one part (``tune``, ``heldout``) or ``all`` of them."""
+    if part not in PARTS:
+        raise ValueError(f"calibration part must be one of {PARTS}, not {part!r}")
+    return rows if part == "all" else [r for r in rows if part_of(r["id"]) == part]
 
 
 def predicts_comply(v: judges.Verdict) -> bool | None:
@@ -73,6 +97,11 @@ class Calibration:
         return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
 
     @property
+    def f1(self) -> float:
+        d = 2 * self.tp + self.fp + self.fn
+        return 2 * self.tp / d if d else float("nan")
+
+    @property
     def accuracy(self) -> float:
         n = self.tp + self.fp + self.fn + self.tn
         return (self.tp + self.tn) / n if n else float("nan")
@@ -88,6 +117,11 @@ class Calibration:
             "unparsed": self.unparsed,
             "precision": self.precision,
             "recall": self.recall,
+            # 95 % Wilson intervals: precision is a share of the answers called compliant, recall of the
+            # compliant answers; the held-out part has ~40 of each, so these are wide
+            "precision_ci": list(Rate(self.tp, self.tp + self.fp).ci),
+            "recall_ci": list(Rate(self.tp, self.tp + self.fn).ci),
+            "f1": self.f1,
             "accuracy": self.accuracy,
             "errors_by_kind": dict(self.errors_by_kind.most_common()),
         }

@@ -71,7 +71,9 @@ class Verdict:
 Judge = Callable[[Sequence[str], Sequence[str]], list[Verdict]]
 # Holds rule-judge functions and model-judge classes (built with the spec's options by ``get``).
 # the rule judges register below; the model-backed ones (models load lazily, on first call) in their modules
-JUDGES: Registry = Registry("judge", plugins=("safeft.eval.model_judges", "safeft.eval.strongreject"))
+JUDGES: Registry = Registry(
+    "judge", plugins=("safeft.eval.refusal_layered", "safeft.eval.model_judges", "safeft.eval.strongreject")
+)
 
 
 def _check_lengths(prompts: Sequence[str], completions: Sequence[str]) -> None:

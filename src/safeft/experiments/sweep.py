@@ -233,6 +233,7 @@ def _model_for(sweep: Sweep, cfg: C.RunConfig, progress: bool) -> tuple[C.RunCon
 
 
 def run_cell(sweep: Sweep, cell: Cell, progress: bool = True) -> dict[str, Any]:
+    from safeft.data.domains import run_domain
     from safeft.eval.suites import evaluate, headline
     from safeft.train import train
 
@@ -241,8 +242,8 @@ def run_cell(sweep: Sweep, cell: Cell, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     ft, extra = _model_for(sweep, cfg, progress)
     res = train(ft, run_dir=d, progress=progress)
-    task = ft.data.task if ft.data else ""
-    domains = [task.split(":", 1)[1]] if task.startswith("domain:") else []
+    domain = run_domain(ft)
+    domains = [domain] if domain else []
     summary = evaluate(res.model, res.tokenizer, ft.eval, d, domains, ft.model.system_prompt)
     done = {
         "cell": cell.name,

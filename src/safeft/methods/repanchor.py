@@ -28,10 +28,9 @@ Data: harmful prompts without responses (aux ``harmful_prompts``) and the task p
 Cost per step: 1 F+B (task) + r F+B (clean anchor pass), r = anchor tokens / task tokens. With ``fuse``
 (the default, [ours]) the clean anchor rows ride in the task forward (``safeft.packing``), reading the chat
 template's prefix from a task row, so a step is ONE wider forward/backward; ``fuse=false`` runs them in a
-pass of their own (same objective). Every
-``refresh_every`` steps one forward of θ over the probe set (the reference's probe samples are cached; the
-first refresh also computes them for the task half). Setup: one greedy generation over the anchors, one
-reference forward over anchors and probes.
+pass of their own (same objective). Every ``refresh_every`` steps one forward of θ over the probe set (the
+reference's probe samples are cached; the first refresh also computes them for the task half). Setup: one
+greedy generation over the anchors, one reference forward over anchors and probes.
 
 [inferred] design choices:
 * Anchor rows = harmful prompt + the reference's greedy answer y_ref (the same rows SAFT uses, so
@@ -52,29 +51,43 @@ reference forward over anchors and probes.
   (no bias correction): the normalisation cancels the resulting scale, only the floor comparison sees it.
   The EMA, the probe prompts and the last refresh step are in ``state_dict``, so a resumed run selects the
   same layers with the same weights.
+
+Code: ``RepAnchor`` is its own anchor-family part (``methods.anchors``): its segments are the clean anchor
+rows with the selected blocks captured, its term γ·R read off them; ``anchor_step`` packs them into the task
+forward or runs them in a pass of their own (``backward="each"``). The drift refresh runs before either.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from safeft import models
-from safeft.config import ConfigError, DefenseConfig
+from safeft.config import DefenseConfig
+from safeft.context import RunContext
 from safeft.data.chat import IGNORE, Rendered, last_prompt_index
 from safeft.data.types import Example
 from safeft.diagnose.cka import linear_cka
 from safeft.hooks import capture, eval_mode
+from safeft.methods.anchors import (
+    AnchorSet,
+    Outputs,
+    Part,
+    Request,
+    Segment,
+    anchor_step,
+    check_anchor_fields,
+    forward_alone,
+    inputs_only,
+    packs,
+    prompt_mask,
+    require,
+)
 from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.registry import METHODS
-from safeft.methods.saft import AnchorSet, check_anchor_fields, fused_step, inputs_only
-from safeft.packing import packing_works
-
-if TYPE_CHECKING:
-    from safeft.context import RunContext
+from safeft.methods.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +115,16 @@ class RepAnchorConfig(DefenseConfig):
     fuse: bool = True
 
     def __post_init__(self) -> None:
-        check_repanchor(self)
-
-
-def check_repanchor(cfg: Any) -> None:
-    where = f"defense ({cfg.name})"
-    if cfg.sample not in SAMPLES:
-        raise ConfigError(f"{where}.sample must be one of {', '.join(SAMPLES)}, not {cfg.sample!r}")
-    if cfg.gamma < 0 or cfg.drift_floor <= 0 or not 0 <= cfg.ema < 1:
-        raise ConfigError(f"{where}: need gamma >= 0, drift_floor > 0 and 0 <= ema < 1")
-    if cfg.top_k < 1 or cfg.refresh_every < 1 or cfg.n_probe < 8:
-        raise ConfigError(f"{where}: need top_k >= 1, refresh_every >= 1 and n_probe >= 8")
-    if cfg.layers is not None and (not cfg.layers or len(set(cfg.layers)) != len(cfg.layers)):
-        raise ConfigError(f"{where}.layers must be a non-empty list of distinct decoder indices, got {cfg.layers}")
-    check_anchor_fields(cfg, min_new_tokens=0)
+        require(self, "sample", self.sample in SAMPLES, f"one of {', '.join(SAMPLES)}")
+        require(self, "gamma", self.gamma >= 0, ">= 0")
+        require(self, "drift_floor", self.drift_floor > 0, "> 0")
+        require(self, "ema", 0 <= self.ema < 1, "in [0, 1)")
+        require(self, "top_k", self.top_k >= 1, ">= 1")
+        require(self, "refresh_every", self.refresh_every >= 1, ">= 1")
+        require(self, "n_probe", self.n_probe >= 8, ">= 8")
+        distinct = self.layers is None or (bool(self.layers) and len(set(self.layers)) == len(self.layers))
+        require(self, "layers", distinct, "null or a non-empty list of distinct 0-based decoder indices")
+        check_anchor_fields(self, min_new_tokens=0)
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -156,11 +165,10 @@ def pool(h: torch.Tensor, batch: Batch, sample: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the defense
 
 
-@METHODS.register("repanchor")
-class RepAnchor(Defense):
+@register
+class RepAnchor(Defense, Part):
     """RepAnchor: task CE + γ · CKA-drift-weighted MSE to the reference's hidden states (see module doc)."""
 
-    name = "repanchor"
     stage = "finetune"
     needs = ("reference", "harmful_prompts")
     Config = RepAnchorConfig
@@ -185,11 +193,16 @@ class RepAnchor(Defense):
 
     # ------------------------------------------------------------------ setup
 
+    @property
+    def parts(self) -> list[Part]:
+        """The anchor-family parts this run trains with: itself (none at γ = 0: exactly SFT)."""
+        return [self] if self.cfg.gamma > 0 else []
+
     def setup(self, ctx: RunContext) -> None:
         if self.cfg.gamma > 0:  # gamma == 0 touches nothing: exactly SFT
             rows = self.anchors.build(ctx)
             self.prepare(ctx, rows)
-            self.fused = self.cfg.fuse and packing_works(ctx, rows, share=True, who="repanchor")
+            self.fused = packs(ctx, self.cfg.fuse, self.parts, rows, "repanchor")
 
     def prepare(self, ctx: RunContext, rows: list[Rendered]) -> None:
         """Cache the reference's anchor hidden states and probe samples; measure the step-0 drift."""
@@ -251,8 +264,7 @@ class RepAnchor(Defense):
         want = self.cfg.n_probe - self.cfg.n_probe // 2
         if self.last_refresh == 0 and len(self.probe_task) < want:
             seen = {tuple(p) for p in self.probe_task}
-            prompt = batch["attention_mask"].bool() & (batch["labels"] == IGNORE)
-            for ids, keep in zip(batch["input_ids"], prompt, strict=True):
+            for ids, keep in zip(batch["input_ids"], prompt_mask(batch), strict=True):
                 p = ids[keep].tolist()
                 if tuple(p) not in seen and len(self.probe_task) < want:
                     self.probe_task.append(p)
@@ -273,51 +285,42 @@ class RepAnchor(Defense):
         top_k = None if self.cfg.layers is not None else self.cfg.top_k
         return select_layers(torch.tensor(self.drift_ema), self.candidates, top_k, self.cfg.drift_floor)
 
-    # ------------------------------------------------------------------ the penalty
+    # ------------------------------------------------------------------ the penalty (the part)
 
-    def penalty_value(self, ctx: RunContext, rows: list[Rendered]) -> torch.Tensor:
-        """R(θ) on a clean anchor batch in its own forward (unweighted by γ, with grad)."""
+    def segments(self, ctx: RunContext, batch: Batch, rows: list[Rendered]) -> Request:
+        """The clean anchor rows, with the selected blocks' outputs captured."""
         layers, _ = self.selection()
-        batch = ctx.batch(rows)
-        model = ctx.unwrapped
-        with capture(model, layers) as h:
-            ctx.forward(inputs_only(batch), logits_to_keep=1)
-        mask = token_mask(batch)
-        return self.rep_loss(h, lambda x, i: x[i][mask[i]], rows)
+        return Request([Segment.of(r) for r in rows], layers=layers, data=rows)
 
-    def rep_loss(self, h: dict, take, rows: list[Rendered]) -> torch.Tensor:
-        """R(θ) from block outputs ``h`` (layer -> tensor) of a pass that held the anchor ``rows``.
+    def terms(self, ctx: RunContext, out: Outputs) -> dict[str, torch.Tensor]:
+        return {"rep": self.cfg.gamma * self.rep_loss(out)}
 
-        ``take(x, i)`` returns row i's anchored positions (every real token but the first, in order) of
-        ``x``: from a plain anchor batch, or from a packed task forward (``safeft.packing``).
+    def rep_loss(self, out: Outputs) -> torch.Tensor:
+        """R(θ) (unweighted by γ, with grad) from a pass that ran the anchor rows ``out.request.data``.
+
+        Each row is anchored on every real token but the first (see ``token_mask``), in order.
         """
+        rows: list[Rendered] = out.request.data
         layers, w = self.selection()
-        total = torch.zeros((), device=next(iter(h.values())).device)
+        total = torch.zeros((), device=next(iter(out.hidden.values())).device)
         for weight, layer in zip(w.tolist(), layers, strict=True):
             c = self.candidates.index(layer)
-            got = torch.cat([take(h[layer], i) for i in range(len(rows))])
+            x = out.hidden[layer]
+            got = torch.cat([out.take(x, i, torch.arange(1, len(r.input_ids))) for i, r in enumerate(rows)])
             ref = torch.cat([self.ref_hidden[int(r.id)][c] for r in rows])
             diff = (got.float() - ref) / self.scale[c]
             total = total + weight * diff.square().mean()
         return total
 
-    def rep_term(self, ctx: RunContext, rows: list[Rendered]) -> torch.Tensor:
-        """γ·R(θ), back-propagated here; returns the weighted value, detached."""
-        rep = self.cfg.gamma * self.penalty_value(ctx, rows)
-        ctx.backward(rep)
-        return rep.detach()
+    def penalty_value(self, ctx: RunContext, rows: list[Rendered]) -> torch.Tensor:
+        """R(θ) on a clean anchor batch in its own forward (unweighted by γ, with grad)."""
+        return self.rep_loss(forward_alone(ctx, self.segments(ctx, {}, rows)))
 
     def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
-        if self.cfg.gamma == 0:
+        if not self.parts:
             return super().step(ctx, batch)
         self.observe(ctx, batch)
-        if self.fused:
-            return fused_step(ctx, batch, self.anchors.next(), rep=self)
-        task = ctx.forward(batch).loss
-        ctx.backward(task)
-        rep = self.rep_term(ctx, self.anchors.next())
-        terms = {"task": task.detach().float(), "rep": rep}
-        return StepOutput(torch.stack(list(terms.values())).sum(), terms)
+        return anchor_step(ctx, batch, self.parts, self.anchors.next(), packed=self.fused, backward="each")
 
     # ------------------------------------------------------------------ resume
 

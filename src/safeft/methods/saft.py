@@ -50,27 +50,41 @@ a model that fails it keeps the separate pass, with a warning).
   stored in the checkpoint so a resumed run anchors on exactly the same text.
 * ``kl_on=both`` averages the anchor and the task KL, so λ keeps its scale. With ``kl_on=task`` the target
   is the reference on the clean task batch, computed on the fly (TRADES-style).
+
+Code: each KL is an anchor-family part (``methods.anchors``, ``AdversarialKL``): its segments are the rows
+under attack (PGD runs when they are asked for), its term the KL on their response positions. ``anchor_step``
+runs them packed into the task forward or each in its own pass (``backward="each"``: one backward per pass).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from safeft.config import ConfigError, DefenseConfig
+from safeft.config import DefenseConfig
+from safeft.context import RunContext
 from safeft.data.chat import IGNORE, Rendered
-from safeft.data.types import Example
-from safeft.hooks import capture, eval_mode
-from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
-from safeft.methods.registry import METHODS
-from safeft.packing import attention_format, pack, packing_works
-
-if TYPE_CHECKING:
-    from safeft.context import RunContext, Stream
+from safeft.hooks import eval_mode
+from safeft.methods.anchors import (
+    AnchorSet,
+    Outputs,
+    Part,
+    Request,
+    Segment,
+    anchor_step,
+    check_anchor_fields,
+    inputs_only,
+    packs,
+    prompt_mask,
+    require,
+    response_mask,
+    response_positions,
+)
+from safeft.methods.base import Batch, Defense, StepOutput
+from safeft.methods.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -98,95 +112,17 @@ class SAFTConfig(DefenseConfig):
     fuse: bool = True
 
     def __post_init__(self) -> None:
-        check_saft(self)
+        require(self, "kl_on", self.kl_on in KL_ON, f"one of {', '.join(KL_ON)}")
+        for key in ("lam", "eps", "pgd_steps", "kl_topk"):
+            require(self, key, getattr(self, key) >= 0, ">= 0")
+        require(self, "pgd_alpha", self.pgd_alpha is None or self.pgd_alpha > 0, "> 0 (or null for the default)")
+        check_anchor_fields(self, min_new_tokens=0 if self.kl_on == "task" else 1)
 
     @property
     def alpha(self) -> float:
         if self.pgd_alpha is not None:
             return self.pgd_alpha
         return self.eps if self.pgd_steps == 1 else self.eps / 2
-
-
-def check_saft(cfg: Any) -> None:
-    where = f"defense ({cfg.name})"
-    if cfg.kl_on not in KL_ON:
-        raise ConfigError(f"{where}.kl_on must be one of {', '.join(KL_ON)}, not {cfg.kl_on!r}")
-    for key in ("lam", "eps", "pgd_steps", "kl_topk"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{where}.{key} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.pgd_alpha is not None and cfg.pgd_alpha <= 0:
-        raise ConfigError(f"{where}.pgd_alpha must be > 0 (or null for the default), got {cfg.pgd_alpha}")
-    check_anchor_fields(cfg, min_new_tokens=0 if cfg.kl_on == "task" else 1)
-
-
-def check_anchor_fields(cfg: Any, min_new_tokens: int) -> None:
-    where = f"defense ({cfg.name})"
-    if cfg.n_anchors < 1 or cfg.anchor_batch < 1:
-        raise ConfigError(f"{where}: n_anchors and anchor_batch must be >= 1")
-    if cfg.ref_max_new_tokens < min_new_tokens:
-        raise ConfigError(
-            f"{where}.ref_max_new_tokens must be >= {min_new_tokens}: the anchor KL is measured on y_ref's tokens"
-        )
-
-
-# ----------------------------------------------------------------------------- shared anchor helpers
-
-
-def inputs_only(batch: Batch) -> Batch:
-    """The batch without labels, so the model does not compute a loss nobody reads."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask")}
-
-
-def prompt_mask(batch: Batch) -> torch.Tensor:
-    """(B, T) bool: real prompt tokens (not pad, not response)."""
-    return batch["attention_mask"].bool() & (batch["labels"] == IGNORE)
-
-
-def response_mask(batch: Batch) -> torch.Tensor:
-    """(B, T-1) bool: positions whose logits predict a response token (labels shifted by one)."""
-    return batch["labels"][:, 1:] != IGNORE
-
-
-class AnchorSet:
-    """The anchor prompts with the reference's greedy answers, rendered once, served as a checkpointed stream.
-
-    Rows get ids "0".."n-1" so per-row caches are plain list lookups (``int(row.id)``).
-    """
-
-    def __init__(self, n: int, max_new_tokens: int, batch_size: int) -> None:
-        self.n, self.max_new_tokens, self.batch_size = n, max_new_tokens, batch_size
-        self.y_ref: list[str] | None = None  # restored from a checkpoint, or generated in build
-        self.rows: list[Rendered] = []
-        self._stream: Stream | None = None
-
-    def build(self, ctx: RunContext) -> list[Rendered]:
-        from safeft.eval.generate import GenSettings, generate
-
-        prompts = [ex.prompt for ex in ctx.aux_data("harmful_prompts")[: self.n]]
-        if len(prompts) < self.n:
-            log.info("anchors: %d harmful prompts given, fewer than n_anchors=%d; using all", len(prompts), self.n)
-        if self.y_ref is None:
-            if self.max_new_tokens > 0:
-                settings = GenSettings(
-                    max_new_tokens=self.max_new_tokens,
-                    system_prompt=ctx.system_prompt,
-                    precision=ctx.cfg.train.precision,
-                )
-                with ctx.reference() as ref:
-                    self.y_ref = generate(ref, ctx.tokenizer, prompts, settings, desc="anchors: reference answers")
-            else:
-                self.y_ref = []
-        if self.y_ref and len(self.y_ref) != len(prompts):
-            raise RuntimeError(f"checkpoint holds {len(self.y_ref)} anchor answers for {len(prompts)} prompts")
-        answers = self.y_ref or [None] * len(prompts)
-        examples = [Example(str(i), p, y, "anchor") for i, (p, y) in enumerate(zip(prompts, answers, strict=True))]
-        self.rows = ctx.render(examples)
-        self._stream = ctx.stream("anchor", self.rows, self.batch_size)
-        return self.rows
-
-    def next(self) -> list[Rendered]:
-        assert self._stream is not None, "AnchorSet.build(ctx) runs in setup"
-        return self._stream.next()
 
 
 # ----------------------------------------------------------------------------- KL to the reference
@@ -261,11 +197,6 @@ def adversarial_logits(ctx: RunContext, batch: Batch, emb: torch.Tensor, delta: 
     return logits[:, :-1][response_mask(batch)]
 
 
-def response_positions(row: Rendered) -> torch.Tensor:
-    """Positions of ``row`` whose logits predict one of its response tokens (labels shifted by one)."""
-    return torch.nonzero(torch.tensor(row.labels[1:]) != IGNORE).squeeze(1)
-
-
 def project(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """Per-token L2 projection of δ (B, T, d) onto ‖δ_t‖ <= radius_t (B, T)."""
     norm = delta.norm(dim=-1, keepdim=True)
@@ -303,94 +234,22 @@ def pgd(ctx: RunContext, batch: Batch, target: KLTarget, cfg: SAFTConfig) -> tor
     return delta.detach()
 
 
-# ----------------------------------------------------------------------------- one packed outer pass
+# ----------------------------------------------------------------------------- the anchor-family part
 
 
-def fused_step(ctx: RunContext, batch: Batch, rows: list[Rendered], saft: SAFT | None = None, rep=None) -> StepOutput:
-    """Task CE + λ·KL at δ* (``saft``) + γ·R on the clean anchors (``rep``, a RepAnchor) from ONE forward.
+class AdversarialKL(Part):
+    """weight · KL(π_ref ‖ π_θ) at δ*, on the anchor rows (``on="anchor"``) or on the task batch (``"task"``).
 
-    PGD runs first, in its own K passes. Then the anchor rows ride in the task batch (``safeft.packing``):
-    under attack as rows of embeddings emb + δ* (they share nothing with their host: δ* moves the template
-    tokens too), and clean for RepAnchor, reading the chat template's prefix from the host row. The terms
-    and their gradient equal the separate passes' to float rounding; one backward instead of three.
+    Its segments are the rows as embeddings emb + δ* (PGD runs when they are asked for); its term is the KL
+    on their response positions. On the task rows it cannot ride in the task forward (they are the host).
     """
-    model = ctx.unwrapped
-    segments = [torch.tensor(r.input_ids) for r in rows]
-    segs: list[torch.Tensor] = []
-    embeds: list[torch.Tensor | None] = []
-    share: list[bool] = []
-    target = None
-    if saft is not None:
-        anchors = ctx.batch(rows)
-        target = KLTarget.cat([saft.targets[int(r.id)] for r in rows])
-        delta = pgd(ctx, anchors, target, saft.cfg)
-        emb = embed(ctx, anchors["input_ids"])
-        adv = (emb.float() + delta).to(emb.dtype)
-        segs += segments
-        embeds += [adv[i, : len(s)] for i, s in enumerate(segments)]
-        share += [False] * len(rows)
-    if rep is not None:
-        layers, _ = rep.selection()
-        segs += segments
-        embeds += [None] * len(rows)
-        share += [True] * len(rows)
-    packed = pack(
-        batch,
-        segs,
-        pad_id=ctx.tokenizer.pad_token_id,
-        share=share,
-        fmt=attention_format(model),
-        embed=model.get_input_embeddings(),
-        segment_embeds=embeds if saft is not None else None,
-    )
-    with capture(model, layers) if rep is not None else contextlib.nullcontext({}) as h:
-        out = ctx.forward(packed.batch)
-    terms = {"task": out.loss}
-    if saft is not None:
-        logits = torch.cat([packed.take(out.logits, i, response_positions(r)) for i, r in enumerate(rows)])
-        terms["kl"] = saft.cfg.lam * kl_to_reference(target, logits)
-    if rep is not None:
-        first = len(rows) if saft is not None else 0  # the clean rows follow the attacked ones
 
-        def take(x: torch.Tensor, i: int) -> torch.Tensor:  # every real token but the first (token_mask)
-            return packed.take(x, first + i, torch.arange(1, len(rows[i].input_ids)))
+    own_embeddings = True
 
-        terms["rep"] = rep.cfg.gamma * rep.rep_loss(h, take, rows)
-    return backward_terms(ctx, terms)
-
-
-# ----------------------------------------------------------------------------- the defense
-
-
-@METHODS.register("saft")
-class SAFT(Defense):
-    """SAFT: task CE + λ · KL(π_ref ‖ π_θ) on anchor prompts under a PGD embedding attack (see module doc)."""
-
-    name = "saft"
-    stage = "finetune"
-    needs = ("reference", "harmful_prompts")
-    Config = SAFTConfig
-
-    def __init__(self, cfg: SAFTConfig) -> None:
-        super().__init__(cfg)
-        self.cfg: SAFTConfig = cfg
-        self.anchors = AnchorSet(cfg.n_anchors, cfg.ref_max_new_tokens, cfg.anchor_batch)
-        self.targets: list[KLTarget] = []
-        self.fused = False  # the outer anchor pass packed into the task forward (set in setup)
-
-    @property
-    def uses_anchors(self) -> bool:
-        return self.cfg.lam > 0 and self.cfg.kl_on != "task"
-
-    def setup(self, ctx: RunContext) -> None:
-        if self.uses_anchors:  # lam == 0 touches nothing: exactly SFT
-            rows = self.anchors.build(ctx)
-            self.prepare(ctx, rows)
-            self.fused = self.can_fuse and packing_works(ctx, rows, share=False, who="saft")
-
-    @property
-    def can_fuse(self) -> bool:
-        return self.cfg.fuse and self.cfg.kl_on == "anchor"
+    def __init__(self, cfg: SAFTConfig, on: str, split: int) -> None:
+        self.cfg, self.on, self.split = cfg, on, split  # split: how many KLs share λ (kl_on=both: 2)
+        self.packable = on == "anchor"
+        self.targets: list[KLTarget] = []  # per anchor row, cached in prepare (on="anchor")
 
     def prepare(self, ctx: RunContext, rows: list[Rendered]) -> None:
         """Cache the reference's log-probs on the anchors' response positions (once)."""
@@ -399,35 +258,81 @@ class SAFT(Defense):
         n_pos = sum(t.logp.shape[0] for t in self.targets)
         log.info("saft: %d anchors, %d response positions cached (kl_topk=%d)", len(rows), n_pos, self.cfg.kl_topk)
 
-    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
-        if self.cfg.lam == 0:
-            return super().step(ctx, batch)
-        if self.fused:
-            return fused_step(ctx, batch, self.anchors.next(), saft=self)
-        task = ctx.forward(batch).loss
-        ctx.backward(task)
-        kl = self.kl_term(ctx, batch, self.anchors.next() if self.uses_anchors else None)
-        terms = {"task": task.detach().float(), "kl": kl}
-        return StepOutput(torch.stack(list(terms.values())).sum(), terms)
-
-    def kl_term(self, ctx: RunContext, task_batch: Batch, anchor_rows: list[Rendered] | None) -> torch.Tensor:
-        """λ·KL under PGD, back-propagated here (one backward per part); returns the weighted value, detached."""
-        parts: list[tuple[Batch, KLTarget]] = []
-        if self.cfg.kl_on in ("anchor", "both"):
-            assert anchor_rows is not None
-            parts.append((ctx.batch(anchor_rows), KLTarget.cat([self.targets[int(r.id)] for r in anchor_rows])))
-        if self.cfg.kl_on in ("task", "both"):
+    def segments(self, ctx: RunContext, batch: Batch, rows: list[Rendered]) -> Request:
+        if self.on == "anchor":
+            rows_batch = ctx.batch(rows)
+            target = KLTarget.cat([self.targets[int(r.id)] for r in rows])
+            positions = [response_positions(r) for r in rows]
+        else:  # TRADES-style: the reference on the clean task batch, computed on the fly
             with ctx.reference() as ref, eval_mode(ref):
-                logits = ctx.forward(inputs_only(task_batch), model=ref).logits
-            parts.append((task_batch, reference_target(logits[:, :-1][response_mask(task_batch)], self.cfg.kl_topk)))
-        weight = self.cfg.lam / len(parts)
-        total = torch.zeros((), device=ctx.device)
-        for batch, target in parts:
-            delta = pgd(ctx, batch, target, self.cfg)
-            kl = kl_to_reference(target, adversarial_logits(ctx, batch, embed(ctx, batch["input_ids"]), delta))
-            ctx.backward(weight * kl)
-            total = total + weight * kl.detach()
-        return total
+                logits = ctx.forward(inputs_only(batch), model=ref).logits
+            target = reference_target(logits[:, :-1][response_mask(batch)], self.cfg.kl_topk)
+            rows_batch = batch
+            positions = [torch.nonzero(r[1:] != IGNORE).squeeze(1) for r in batch["labels"]]
+        delta = pgd(ctx, rows_batch, target, self.cfg)
+        emb = embed(ctx, rows_batch["input_ids"])
+        adv = (emb.float() + delta).to(emb.dtype)
+        lengths = rows_batch["attention_mask"].sum(1).tolist()
+        ids = rows_batch["input_ids"]
+        segs = [Segment(ids[i, :n], adv[i, :n]) for i, n in enumerate(lengths)]
+        return Request(segs, logits=True, data=(target, positions))
+
+    def terms(self, ctx: RunContext, out: Outputs) -> dict[str, torch.Tensor]:
+        target, positions = out.request.data
+        logits = torch.cat([out.take(out.logits, i, t) for i, t in enumerate(positions)])
+        return {"kl": self.cfg.lam / self.split * kl_to_reference(target, logits)}
+
+
+# ----------------------------------------------------------------------------- the defense
+
+
+@register
+class SAFT(Defense):
+    """SAFT: task CE + λ · KL(π_ref ‖ π_θ) on anchor prompts under a PGD embedding attack (see module doc)."""
+
+    stage = "finetune"
+    needs = ("reference", "harmful_prompts")
+    Config = SAFTConfig
+
+    def __init__(self, cfg: SAFTConfig) -> None:
+        super().__init__(cfg)
+        self.cfg: SAFTConfig = cfg
+        self.anchors = AnchorSet(cfg.n_anchors, cfg.ref_max_new_tokens, cfg.anchor_batch)
+        where = ("anchor", "task") if cfg.kl_on == "both" else (cfg.kl_on,)
+        self.kl = [AdversarialKL(cfg, on, len(where)) for on in where]
+        self.fused = False  # the outer anchor pass packed into the task forward (set in setup)
+
+    @property
+    def parts(self) -> list[Part]:
+        """The anchor-family parts this run trains with (none at λ = 0: exactly SFT)."""
+        return list(self.kl) if self.cfg.lam > 0 else []
+
+    @property
+    def uses_anchors(self) -> bool:
+        return self.cfg.lam > 0 and self.cfg.kl_on != "task"
+
+    @property
+    def targets(self) -> list[KLTarget]:
+        """The reference's cached log-probs per anchor row."""
+        return self.kl[0].targets
+
+    def setup(self, ctx: RunContext) -> None:
+        if self.uses_anchors:  # lam == 0 touches nothing: exactly SFT
+            rows = self.anchors.build(ctx)
+            self.prepare(ctx, rows)
+            self.fused = packs(ctx, self.cfg.fuse, self.parts, rows, "saft")
+
+    def prepare(self, ctx: RunContext, rows: list[Rendered]) -> None:
+        """Cache the reference's log-probs on the anchors' response positions (once)."""
+        for part in self.kl:
+            if part.on == "anchor":
+                part.prepare(ctx, rows)
+
+    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
+        if not self.parts:
+            return super().step(ctx, batch)
+        rows = self.anchors.next() if self.uses_anchors else []
+        return anchor_step(ctx, batch, self.parts, rows, packed=self.fused, backward="each")
 
     def state_dict(self) -> dict[str, Any]:
         return {"y_ref": self.anchors.y_ref} if self.uses_anchors else {}

@@ -26,23 +26,24 @@ cheaper variant (K = 1, one shared clean pass) is not implemented. [ours] With `
 ride in the task forward (``safeft.packing``: the attacked rows as embeddings, the clean rows reading the
 template prefix from a task row), so a step is K + 1 forwards and K + 1 backwards (4 and 4 at K = 3,
 instead of 6 and 6): 1.89x SFT's step time on SmolLM2, batch 8, 2 CPU cores (2.36x unfused).
+``kl_on=task|both`` keeps every pass separate (the task rows cannot ride in themselves).
+
+Code: the composition of SAFT's and RepAnchor's anchor-family parts (``methods.anchors``) on this defense's
+one anchor set: ``anchor_step`` hands both the same rows. It imports the two methods it composes, and only
+these: their configs make up its config, their parts its step; nothing else imports a method file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-
+from safeft.context import RunContext
+from safeft.methods.anchors import AnchorSet, Part, anchor_step, packs
 from safeft.methods.base import Batch, Defense, StepOutput
-from safeft.methods.registry import METHODS
-from safeft.methods.repanchor import RepAnchor, RepAnchorConfig, check_repanchor
-from safeft.methods.saft import SAFT, AnchorSet, SAFTConfig, check_saft, fused_step
-from safeft.packing import packing_works
-
-if TYPE_CHECKING:
-    from safeft.context import RunContext
+from safeft.methods.registry import register
+from safeft.methods.repanchor import RepAnchor, RepAnchorConfig
+from safeft.methods.saft import SAFT, SAFTConfig
 
 
 @dataclass
@@ -52,19 +53,18 @@ class SAFTRepAnchorConfig(RepAnchorConfig, SAFTConfig):
     name: str = "saft+repanchor"
 
     def __post_init__(self) -> None:
-        check_saft(self)
-        check_repanchor(self)
+        SAFTConfig.__post_init__(self)
+        RepAnchorConfig.__post_init__(self)
 
 
-def _part(cls: type, cfg: SAFTRepAnchorConfig) -> Any:
+def _member(cls: type, cfg: SAFTRepAnchorConfig) -> Any:
     return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
-@METHODS.register("saft+repanchor")
+@register
 class SAFTRepAnchor(Defense):
     """SAFT + RepAnchor: task CE + λ·adversarial KL to the reference + γ·drift-weighted MSE (see module doc)."""
 
-    name = "saft+repanchor"
     stage = "finetune"
     needs = ("reference", "harmful_prompts")
     Config = SAFTRepAnchorConfig
@@ -72,10 +72,15 @@ class SAFTRepAnchor(Defense):
     def __init__(self, cfg: SAFTRepAnchorConfig) -> None:
         super().__init__(cfg)
         self.cfg: SAFTRepAnchorConfig = cfg
-        self.saft = SAFT(_part(SAFTConfig, cfg))
-        self.rep = RepAnchor(_part(RepAnchorConfig, cfg))
-        self.anchors = AnchorSet(cfg.n_anchors, cfg.ref_max_new_tokens, cfg.anchor_batch)
+        self.saft = SAFT(_member(SAFTConfig, cfg))
+        self.rep = RepAnchor(_member(RepAnchorConfig, cfg))
+        self.anchors = AnchorSet(cfg.n_anchors, cfg.ref_max_new_tokens, cfg.anchor_batch)  # shared by both
         self.fused = False  # the outer anchor passes packed into the task forward (set in setup)
+
+    @property
+    def parts(self) -> list[Part]:
+        """SAFT's KL part(s), then RepAnchor's: the order of their passes, and of the logged terms."""
+        return self.saft.parts + self.rep.parts
 
     @property
     def uses_anchors(self) -> bool:
@@ -89,34 +94,15 @@ class SAFTRepAnchor(Defense):
             self.saft.prepare(ctx, rows)
         if self.cfg.gamma > 0:
             self.rep.prepare(ctx, rows)
-        # packed as the step packs them: attacked rows (own prefix) then clean rows (sharing the host's)
-        lam, gamma = self.saft.uses_anchors, self.cfg.gamma > 0
-        if self.cfg.fuse and (self.saft.can_fuse or not lam):
-            segs, share = [], []
-            if lam:
-                segs, share = segs + rows, share + [False] * len(rows)
-            if gamma:
-                segs, share = segs + rows, share + [True] * len(rows)
-            self.fused = packing_works(ctx, segs, share=share, who="saft+repanchor")
+        self.fused = packs(ctx, self.cfg.fuse, self.parts, rows, "saft+repanchor")
 
     def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
-        if self.cfg.lam == 0 and self.cfg.gamma == 0:
+        if not self.parts:
             return super().step(ctx, batch)
         if self.cfg.gamma > 0:
             self.rep.observe(ctx, batch)
-        if self.fused:
-            saft = self.saft if self.cfg.lam > 0 else None
-            return fused_step(ctx, batch, self.anchors.next(), saft=saft, rep=self.rep if self.cfg.gamma > 0 else None)
-        task = ctx.forward(batch).loss
-        ctx.backward(task)
-        anchor = self.anchors.next() if self.uses_anchors else None
-        terms = {"task": task.detach().float()}
-        if self.cfg.lam > 0:
-            terms["kl"] = self.saft.kl_term(ctx, batch, anchor)
-        if self.cfg.gamma > 0:
-            assert anchor is not None
-            terms["rep"] = self.rep.rep_term(ctx, anchor)
-        return StepOutput(torch.stack(list(terms.values())).sum(), terms)
+        rows = self.anchors.next() if self.uses_anchors else []
+        return anchor_step(ctx, batch, self.parts, rows, packed=self.fused, backward="each")
 
     def state_dict(self) -> dict[str, Any]:
         if not self.uses_anchors:

@@ -6,7 +6,6 @@ Bottlenecks", ICML 2026, https://arxiv.org/abs/2605.05995.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -14,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safeft.config import ConfigError, DefenseConfig
-from safeft.data.chat import last_prompt_index
-from safeft.data.types import Example
+from safeft.config import DefenseConfig
+from safeft.context import RunContext
+from safeft.data.chat import Rendered, last_prompt_index
 from safeft.hooks import unembedding_input
-from safeft.methods.base import Batch, Defense, StepOutput, backward_terms
-from safeft.methods.registry import METHODS
+from safeft.methods.anchors import AnchorSet, Outputs, Part, Request, Segment, anchor_step, packs, require, terms_alone
+from safeft.methods.base import Batch, Defense, StepOutput
+from safeft.methods.registry import register
 from safeft.models import ModelError
-from safeft.packing import attention_format, pack, packing_works
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +35,13 @@ class SBRConfig(DefenseConfig):
     # false = a separate anchor forward as in the released code. Same objective either way [ours].
     fuse: bool = True
 
+    def __post_init__(self) -> None:
+        require(self, "lam", self.lam >= 0, ">= 0")
+        require(self, "n_anchors", self.n_anchors >= 1, ">= 1")
+        require(self, "anchor_batch", self.anchor_batch is None or self.anchor_batch >= 1, ">= 1 or null")
 
-def final_states(ctx, model: nn.Module, batch: Batch) -> torch.Tensor:
+
+def final_states(ctx: RunContext, model: nn.Module, batch: Batch) -> torch.Tensor:
     """(B, d) fp32 unembedding input at each row's last real token, for left or right padding.
 
     ``model`` is the module to run (``ctx.model``, or the reference from ``ctx.reference()``); the forward
@@ -58,8 +62,8 @@ def final_states(ctx, model: nn.Module, batch: Batch) -> torch.Tensor:
     return h[torch.arange(h.shape[0], device=h.device), idx].float()
 
 
-@METHODS.register("sbr")
-class SBR(Defense):
+@register
+class SBR(Defense, Part):
     r"""Pin the final hidden state of harmful prompts, where the reply starts, to the aligned model's.
 
     Paper: Lu et al., "Safety Anchor: Defending Harmful Fine-tuning via Geometric Bottlenecks", ICML 2026,
@@ -85,6 +89,7 @@ class SBR(Defense):
         through the anchors k at a time through a checkpointed stream [inferred: for large N only].
       * ``fuse`` = true [ours]: the anchors ride in the task forward (``safeft.packing``) instead of a
         forward of their own. Same objective; false runs the released code's separate anchor forward.
+      Each is checked in ``SBRConfig`` (λ >= 0, N >= 1, ``anchor_batch`` >= 1 or null).
 
     Data: the aux set ``harmful_prompts`` (prompts only, no responses or labels); the first N are anchors.
 
@@ -115,81 +120,62 @@ class SBR(Defense):
         warning. In bf16 the packed and the plain pass differ by rounding (~1 % relative on the final
         state on SmolLM2, as much as batching the anchors differently does), so the logged penalty starts
         near 0.02 at λ = 50 instead of exactly 0; in fp32 they agree to ~1e-6.
+
+    Code: SBR is its own anchor-family part (``methods.anchors``): its segments are the anchor prompts with
+    the unembedding input captured, its term the MSE at their last positions. ``anchor_step`` packs them into
+    the task forward or runs them in a forward of their own and back-propagates the sum once
+    (``backward="once"``, as the released code).
     """
 
-    name = "sbr"
     stage = "finetune"
     needs = ("reference", "harmful_prompts")
     Config = SBRConfig
 
     def __init__(self, cfg: SBRConfig) -> None:
         super().__init__(cfg)
-        if cfg.lam < 0:
-            raise ConfigError(f"defense.lam must be >= 0, not {cfg.lam}")
-        if cfg.n_anchors < 1:
-            raise ConfigError(f"defense.n_anchors must be >= 1, not {cfg.n_anchors}")
-        if cfg.anchor_batch is not None and cfg.anchor_batch < 1:
-            raise ConfigError(f"defense.anchor_batch must be >= 1 or null, not {cfg.anchor_batch}")
+        self.cfg: SBRConfig = cfg
         self.h_ref: torch.Tensor | None = None  # (N, d) fp32
-        self._all: Batch | None = None  # the N anchors as one batch, when every step uses all of them
-        self._stream = None
-        self._rows: list = []
+        self.anchors: AnchorSet | None = None  # built in setup, once the number of prompts is known
         self.fused = False
 
-    def setup(self, ctx) -> None:
+    @property
+    def parts(self) -> list[Part]:
+        """The anchor-family parts this run trains with: itself (none at λ = 0: plain SFT)."""
+        return [self] if self.cfg.lam > 0 else []
+
+    def setup(self, ctx: RunContext) -> None:
         if self.cfg.lam == 0:
             return  # no anchors, no reference forward: λ = 0 is SFT, at SFT's cost
-        prompts = ctx.aux_data("harmful_prompts")
-        if len(prompts) < self.cfg.n_anchors:
-            log.warning("sbr: n_anchors=%d but only %d harmful prompts; using all", self.cfg.n_anchors, len(prompts))
-        chosen = prompts[: self.cfg.n_anchors]
-        # Prompt only: render() then ends at the generation prompt, the token after which the reply starts.
-        rows = ctx.render([Example(ex.id, ex.prompt) for ex in chosen])
-        # Row ids become positions in h_ref, so a streamed sub-batch can find its reference states.
-        rows = [dataclasses.replace(r, id=str(i)) for i, r in enumerate(rows)]
-        anchors = ctx.batch(rows, "right")
-        with ctx.reference() as ref:
-            self.h_ref = final_states(ctx, ref, anchors).detach()
-        self._rows = rows
+        n = min(self.cfg.n_anchors, len(ctx.aux_data("harmful_prompts")))
         k = self.cfg.anchor_batch
-        if k is None or k >= len(rows):
-            self._all = anchors
-        else:
-            self._stream = ctx.stream("sbr_anchors", rows, k)
-        self.fused = self.cfg.fuse and packing_works(ctx, rows, share=True, who="sbr")
+        # all N anchors every step, as the code; a smaller anchor_batch cycles through them in a named stream.
+        # Prompts only (no answers): a row then ends at the generation prompt, after which the reply starts.
+        self.anchors = AnchorSet(self.cfg.n_anchors, 0, None if k is None or k >= n else k, stream="sbr_anchors")
+        rows = self.anchors.build(ctx)
+        with ctx.reference() as ref:
+            self.h_ref = final_states(ctx, ref, ctx.batch(rows, "right")).detach()
+        self.fused = packs(ctx, self.cfg.fuse, self.parts, rows, "sbr")
 
-    def _pack(self, ctx, task: Batch, rows, fmt: str):
-        segs = [torch.tensor(r.input_ids) for r in rows]
-        return pack(task, segs, pad_id=ctx.tokenizer.pad_token_id, share=True, fmt=fmt)
-
-    def _anchors(self, ctx) -> tuple[list, torch.Tensor]:
-        """This micro-batch's anchor rows and their reference states."""
-        if self._stream is None:
-            return self._rows, self.h_ref
-        rows = self._stream.next()
-        return rows, self.h_ref[torch.tensor([int(r.id) for r in rows], device=self.h_ref.device)]
-
-    def step(self, ctx, batch: Batch) -> StepOutput:
-        if self.cfg.lam == 0 or not self.fused:
-            return super().step(ctx, batch)  # task CE + penalty(): the anchors in their own forward
-        rows, ref = self._anchors(ctx)
-        packed = self._pack(ctx, batch, rows, attention_format(ctx.unwrapped))
-        with unembedding_input(ctx.unwrapped) as seen:
-            task = ctx.forward(packed.batch).loss
-        if len(seen) != 1:
-            raise ModelError(f"the output embeddings ran {len(seen)} times in one forward; expected exactly once")
-        h = packed.take_last(seen[0]).float()
-        return backward_terms(ctx, {"task": task, "sbr": self.cfg.lam * F.mse_loss(h, ref)})
-
-    def penalty(self, ctx, batch: Batch) -> dict[str, torch.Tensor]:
-        if self.cfg.lam == 0:
-            return {}
+    def segments(self, ctx: RunContext, batch: Batch, rows: list[Rendered]) -> Request:
+        """The anchor prompts, with the unembedding input captured; their reference states as data."""
         if self.h_ref is None:
+            raise RuntimeError("SBR runs its anchors before setup")
+        ref = self.h_ref[torch.tensor([int(r.id) for r in rows], device=self.h_ref.device)]
+        return Request([Segment.of(r) for r in rows], final=True, data=ref)
+
+    def terms(self, ctx: RunContext, out: Outputs) -> dict[str, torch.Tensor]:
+        h = out.take_last(out.final).float()
+        return {"sbr": self.cfg.lam * F.mse_loss(h, out.request.data)}
+
+    def step(self, ctx: RunContext, batch: Batch) -> StepOutput:
+        if not self.parts:
+            return super().step(ctx, batch)
+        return anchor_step(ctx, batch, self.parts, self.anchors.next(), packed=self.fused, backward="once")
+
+    def penalty(self, ctx: RunContext, batch: Batch) -> dict[str, torch.Tensor]:
+        """The anchor term from the anchors' own forward (the separate-pass step adds it to the task CE)."""
+        if not self.parts:
+            return {}
+        if self.anchors is None:
             raise RuntimeError("SBR.penalty called before setup")
-        if self._stream is None:
-            anchors, ref = self._all, self.h_ref
-        else:
-            rows, ref = self._anchors(ctx)
-            anchors = ctx.batch(rows, "right")
-        h = final_states(ctx, ctx.model, anchors)
-        return {"sbr": self.cfg.lam * F.mse_loss(h, ref)}
+        return terms_alone(ctx, self, batch, self.anchors.next())
