@@ -19,6 +19,7 @@ it is a hub id or a model directory (not our ``smollm2-135m`` alias or a ``.gguf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import yaml
 
 from safeft import config as C
 from safeft import io, models, runs
-from safeft.stats import wilson
+from safeft.stats import Rate, wilson
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,15 @@ def safety_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     continue
                 row = {**base, "judge": judge, "metric": key, "value": float(value)}
-                row["n"] = metrics.get("n", n)
+                row["n"] = metrics.get("n", n)  # a judge's rates are over the items it answered
                 if key in RATES and isinstance(row["n"], int) and row["n"] > 0:
-                    k = round(value * row["n"])
-                    row["k"] = k
-                    row["ci95"] = wilson(k, row["n"])
+                    stored = metrics.get(f"{key}_ci")
+                    if isinstance(stored, list) and len(stored) == 2:
+                        row["ci95"] = (float(stored[0]), float(stored[1]))
+                    else:  # a summary written before rates carried their interval; a value that is not
+                        # k/n for any k is printed without a made-up interval
+                        with contextlib.suppress(ValueError):
+                            row["ci95"] = Rate.of(float(value), row["n"]).ci
                 rows.append(row)
     return rows
 
@@ -299,7 +304,7 @@ def _safety_section(run_dir: Path, step: int) -> list[str]:
     curve = run_dir / "evals.jsonl"
     if curve.is_file():
         pts = [json.loads(ln) for ln in curve.read_text().splitlines() if ln.strip()]
-        pts = [p for p in pts if isinstance(p.get("asr"), (int, float)) and isinstance(p.get("n"), int)]
+        pts = [p for p in pts if isinstance(p.get("asr"), (int, float)) and isinstance(p.get("n"), int) and p["n"] > 0]
         if pts:
             out += [
                 "ASR during training (`train.eval_every`):",

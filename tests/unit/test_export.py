@@ -155,7 +155,8 @@ def test_model_card_records_defense_settings_and_safety_numbers_with_intervals(r
     asr, n = summary["harmful"]["asr"], summary["harmful"]["n"]
     assert n == 5
     lo, hi = wilson(round(asr * n), n)
-    row = f"| harmful | refusal_keywords | asr | {100 * asr:.1f} % | {100 * lo:.1f} % – {100 * hi:.1f} % | 5 | 4 |"
+    judge = summary["harmful"]["judge"]
+    row = f"| harmful | {judge} | asr | {100 * asr:.1f} % | {100 * lo:.1f} % – {100 * hi:.1f} % | 5 | 4 |"
     assert row in card
     assert "| 2 |" not in card  # the smoke run's n
     assert "Left out, evaluated at another checkpoint than this export's: over_refusal (step 2)." in card
@@ -296,3 +297,19 @@ def test_the_runs_chat_template_travels_with_the_export(runs, tmp_path):
     E.export(run, tmp_path / "out", "merged")
     assert AutoTokenizer.from_pretrained(str(tmp_path / "out")).chat_template == want  # not the base's own
     assert models.load(str(run))[1].chat_template == want
+
+
+def test_safety_rows_take_stored_intervals_and_recompute_only_true_shares():
+    summary = {
+        "harmful": {"n": 4, "judge": "j", "judges": {"j": {"n": 4, "asr": 0.25, "asr_ci": [0.1, 0.2]}}},
+        "old": {"n": 4, "judge": "j", "judges": {"j": {"n": 4, "asr": 0.25, "refusal_rate": 0.3}}},
+        "utility:finance": {"n": 10, "accuracy": 0.5, "answer_nll": 1.25},
+    }
+    rows = {(r["suite"], r["metric"]): r for r in E.safety_rows(summary)}
+    assert rows["harmful", "asr"]["ci95"] == (0.1, 0.2)  # the summary's own interval
+    assert rows["old", "asr"]["ci95"] == wilson(1, 4)  # recomputed from k = 0.25 x 4
+    assert "ci95" not in rows["old", "refusal_rate"]  # 0.3 is not k/4: no made-up interval
+    assert rows["utility:finance", "accuracy"]["ci95"] == wilson(5, 10)
+    assert (
+        "ci95" not in rows["utility:finance", "answer_nll"] and rows["utility:finance", "answer_nll"]["value"] == 1.25
+    )
