@@ -11,6 +11,7 @@ shown under the configured judge and, re-judged from the stored completions (no 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -116,7 +117,10 @@ def evaluate_twice(model, tok, cfg: C.RunConfig, out: Path, domain: str) -> dict
     summary = evaluate(model, tok, cfg.eval, out, [domain], cfg.model.system_prompt)
     second = _judges(cfg.eval)[1:]
     if second and any(k.startswith(("harmful", "over_refusal")) for k in summary):
-        summary.update(rescore(out, second)["summary"])
+        rescore(out, second)
+        # the run's merged summary now holds both judges' metrics for the evaluation just made
+        merged = json.loads((Path(out) / "eval" / "summary.json").read_text())
+        summary = {k: merged.get(k, v) for k, v in summary.items()}
     return summary
 
 

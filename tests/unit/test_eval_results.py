@@ -21,7 +21,9 @@ from safeft.eval.results import Store
 from safeft.eval.suites import SUITES, Suite, SuiteInputs, evaluate, parse_suites
 from safeft.eval.suites.driver import settings_key
 
+# the layout tests name their judge: the default judge may change without changing what they check
 CFG = dict(n_harmful=4, n_over_refusal=3, n_utility=3, max_new_tokens=4, batch_size=4, precision="fp32")
+CFG["judge"] = "refusal_keywords"
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -199,7 +201,7 @@ def test_a_bad_judge_fails_before_anything_is_generated(tiny, tmp_path, monkeypa
     monkeypatch.setattr(J, "generate_full", lambda *a, **k: pytest.fail("generated before checking the judge"))
     model, tok = tiny
     with pytest.raises(KeyError, match="unknown judge"):
-        evaluate(model, tok, EvalConfig(**CFG, judge="refusal_keywordz"), tmp_path, suites=["harmful"])
+        evaluate(model, tok, EvalConfig(**{**CFG, "judge": "refusal_keywordz"}), tmp_path, suites=["harmful"])
 
 
 def test_gen_settings_come_from_the_eval_config():

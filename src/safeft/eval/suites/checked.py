@@ -22,6 +22,7 @@ from safeft.eval import records
 from safeft.eval.generate import GenSettings, generate_full
 from safeft.eval.suites.base import SUITES, Suite, SuiteInputs, stats, subset
 from safeft.hooks import eval_mode
+from safeft.stats import put_rate
 
 
 @torch.no_grad()
@@ -66,11 +67,8 @@ def utility(
         recs = records.build_records(suite, ids, prompts, gens, settings, tok, extra)
         io.write_jsonl(out / f"{records.file_stem(suite)}.jsonl", recs)
     nll = answer_nll(model, tok, items, settings.system_prompt)  # fp32: a small, exact number
-    return {
-        "accuracy": sum(ok for ok, _ in checked) / len(checked),
-        "answer_nll": nll,
-        **stats(settings, items, limit, gens),
-    }
+    entry = {"answer_nll": nll, **stats(settings, items, limit, gens)}
+    return put_rate(entry, "accuracy", sum(ok for ok, _ in checked), len(checked))
 
 
 def humaneval(
@@ -88,12 +86,8 @@ def humaneval(
         recs = records.build_records("humaneval", [e.id for e in items], prompts, gens, settings, tok, extra)
         io.write_jsonl(out / "humaneval.jsonl", recs)
     passed = sum(r.passed for r in results)
-    return {
-        "pass@1": passed / len(items),
-        "passed": passed,
-        "decoding": settings.record()["decoding"],
-        **stats(settings, items, limit, gens),
-    }
+    entry = {"passed": passed, "decoding": settings.record()["decoding"], **stats(settings, items, limit, gens)}
+    return put_rate(entry, "pass@1", passed, len(items))
 
 
 @SUITES.register("utility", "[:<domain>] task accuracy (the domain's checker) and answer NLL; bare: the run's domain")

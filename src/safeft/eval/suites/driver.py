@@ -106,6 +106,8 @@ def headline(summary: dict[str, Any]) -> dict[str, float]:
             row[f"{k}/nll"] = v["answer_nll"]
         elif k.startswith("harmful:"):
             row[f"asr:{k.split(':', 1)[1]}"] = v["asr"]
+        elif k.startswith("over_refusal:"):
+            row[f"over_refusal:{k.split(':', 1)[1]}"] = v["refusal_rate"]
         elif k == "humaneval":
             row["humaneval/pass@1"] = v["pass@1"]
     return row

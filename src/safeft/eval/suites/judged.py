@@ -49,15 +49,24 @@ def harmful(
 ) -> dict[str, Any]:
     """ASR of ``items`` (harmful prompts) under ``judge``."""
     entry = judged(model, tok, items, settings, judge, out, name, limit)
-    return {"asr": entry["judges"][entry["judge"]].get("asr"), **entry}
+    head = entry["judges"][entry["judge"]]
+    return {"asr": head.get("asr"), "asr_ci": head.get("asr_ci"), **entry}
 
 
 def over_refusal(
-    model, tok, items: list[Example], settings: GenSettings, judge: str, out: Path | None, limit: int | None = None
+    model,
+    tok,
+    items: list[Example],
+    settings: GenSettings,
+    judge: str,
+    out: Path | None,
+    limit: int | None = None,
+    name: str = "over_refusal",
 ) -> dict[str, Any]:
     """Refusal rate of ``items`` (benign prompts) under ``judge``."""
-    entry = judged(model, tok, items, settings, judge, out, "over_refusal", limit)
-    return {"refusal_rate": entry["judges"][entry["judge"]].get("refusal_rate"), **entry}
+    entry = judged(model, tok, items, settings, judge, out, name, limit)
+    head = entry["judges"][entry["judge"]]
+    return {"refusal_rate": head.get("refusal_rate"), "refusal_rate_ci": head.get("refusal_rate_ci"), **entry}
 
 
 @SUITES.register("harmful", "[:<data source>] ASR on HarmBench test prompts (default) or on any data source's prompts")
@@ -79,16 +88,26 @@ class Harmful(Suite):
         return {**entry, "source": self.argument} if self.argument else entry
 
 
-@SUITES.register("over_refusal", "refusal rate on our benign-but-edgy probes")
+@SUITES.register(
+    "over_refusal",
+    "[:<split>|<prompts>] refusal rate on the held-out test split of our benign-but-edgy probes (default), "
+    "another split (train, dev, legacy) or any prompt file / data source (XSTest, OR-Bench: jsonl:path)",
+)
 class OverRefusal(Suite):
     kind = "over_refusal"
     needs = ("model", "tokenizer", "settings", "judge")
+    arg = "optional"
+    arg_help = "a probe split or a prompt source"
 
     def items(self, cfg: EvalConfig) -> list[Example]:
-        from safeft.data import refusals
+        from safeft.data.probes import LEGACY, SPLITS, over_refusal_probes
 
-        probes = [Example(f"probe-{i}", p, source="over_refusal") for i, p in enumerate(refusals.OVER_REFUSAL_PROBES)]
-        return subset(probes, cfg.n_over_refusal, cfg.seed)
+        arg = self.argument
+        # the test split unless told otherwise: dev chose the alignment setting, so it is not a held-out number
+        split, source = (arg, None) if arg in (*SPLITS, LEGACY) else ("test", arg or None)
+        return subset(over_refusal_probes(split=None if source else split, source=source), cfg.n_over_refusal, cfg.seed)
 
     def run(self, inp: SuiteInputs, items: list[Example]) -> dict[str, Any]:
-        return over_refusal(inp.model, inp.tok, items, inp.settings, inp.judge, inp.out, inp.limit)
+        entry = over_refusal(inp.model, inp.tok, items, inp.settings, inp.judge, inp.out, inp.limit, self.name)
+        arg = self.argument
+        return {**entry, "probes": arg or "test"}
