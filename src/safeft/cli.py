@@ -89,9 +89,13 @@ def cmd_eval(args) -> int:
     from safeft.eval.suites import evaluate
     from safeft.runs import checkpoints, load_run_model
 
-    cfg = _load_cfg(args)
     target = Path(args.target)
-    if (target / "config.yaml").exists() and (target / "checkpoints").exists():
+    is_run = (target / "config.yaml").exists() and (target / "checkpoints").exists()
+    if is_run and args.config is None:
+        # a run is evaluated as it was trained: its system prompt and eval settings, then the command line's
+        args.config = str(target / "config.yaml")
+    cfg = _load_cfg(args)
+    if is_run:
         done = checkpoints(target)  # the newest; its step is part of the evaluation's settings hash
         step = int(done[-1].name.split("-")[1]) if done else None
         model, tok = load_run_model(target, step)
@@ -109,8 +113,19 @@ def cmd_eval(args) -> int:
         model, tok, cfg.eval, out, domains, cfg.model.system_prompt, args.suite, args.limit, model_id=model_id
     )
     print(json.dumps(summary, indent=2))
+    _print_rates(summary)
     print(f"records under {out / 'eval'}")
     return 0
+
+
+def _print_rates(summary: dict) -> None:
+    """Every headline rate with its 95 % Wilson interval and n, one line each."""
+    from safeft.stats import rate_in
+
+    for suite, entry in summary.items():
+        for key in ("asr", "refusal_rate", "accuracy", "pass@1"):
+            if isinstance(entry, dict) and (r := rate_in(entry, key)):
+                print(f"{suite}: {key} {r}" + (f", judge {entry['judge']}" if "judge" in entry else ""))
 
 
 def cmd_rescore(args) -> int:
@@ -124,6 +139,7 @@ def cmd_rescore(args) -> int:
         for judge, r in per_judge.items():
             print(f"{name}: {judge}: {r['judged']} judged, {r['new']} new, {r['changed']} changed vs stored")
     print(json.dumps(res["summary"], indent=2))
+    _print_rates(res["summary"])
     return 0
 
 

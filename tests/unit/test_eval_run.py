@@ -205,3 +205,27 @@ def test_generation_benchmark_runs_in_quick_mode(tmp_path):
     assert res["prompts"] == 4 and res["settings"]["dtype"] == "float32"
     assert res["batched"]["new_tokens"] == res["one_at_a_time"]["new_tokens"]
     assert res["identical_completions"] == "4/4"  # fp32 on the tiny model: padding must not change outputs
+
+
+def test_a_run_is_evaluated_with_its_own_system_prompt_and_eval_settings(tiny, tiny_dir, tmp_path, capsys):
+    from safeft.cli import main
+    from safeft.testing import tiny_run_config
+    from safeft.train import train
+
+    model, tok = tiny
+    cfg = tiny_run_config(
+        tmp_path / "runs",
+        f"model.spec={tiny_dir}",
+        "train.steps=1",
+        "model.system_prompt=Be brief.",
+        "eval.max_new_tokens=3",
+        "eval.n_harmful=2",
+    )
+    res = train(cfg, model=model, tokenizer=tok, progress=False)
+    assert main(["eval", str(res.run_dir), "--suite", "harmful"]) == 0
+    out = capsys.readouterr().out
+    assert "harmful: asr " in out and "(n=2)" in out  # the rate printed with its interval and n
+    recs = [json.loads(x) for f in (res.run_dir / "eval").rglob("harmful.jsonl") for x in f.read_text().splitlines()]
+    assert len(recs) == 2
+    assert {r["settings"]["system_prompt"] for r in recs} == {"Be brief."}
+    assert {r["settings"]["max_new_tokens"] for r in recs} == {3}
