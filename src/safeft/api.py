@@ -137,22 +137,26 @@ def evaluate(
     """Evaluate a run directory, any model spec, or an in-memory model (with ``tokenizer``); returns the
     summary (per suite: the headline number, n, judge, max_new_tokens, every judge's metrics).
 
-    Settings come from the config's ``eval`` section (``overrides={"eval.n_harmful": 20}``); ``suites``
-    defaults to ``eval.suites``. Records and ``summary.json`` go under ``out/eval``: by default the run
-    directory for a run, ``<out_dir>/eval-<name>`` for a model spec, and nowhere for an in-memory model.
-    Same as ``safeft eval``."""
+    Settings come from the config's ``eval`` section (``overrides={"eval.n_harmful": 20}``); for a run
+    directory the default config is the run's own. ``suites`` defaults to ``eval.suites``. Records and
+    summaries go under ``out/eval`` (``safeft.eval.results``): by default the run directory for a run,
+    ``<out_dir>/eval-<name>`` for a model spec, and nowhere for an in-memory model. Same as ``safeft eval``."""
     from safeft import models
     from safeft.data.domains import run_domain
     from safeft.eval.suites import evaluate as _evaluate
     from safeft.export import is_run_dir, load_run
     from safeft.runs import checkpoints
 
+    is_run = isinstance(target, (str, os.PathLike)) and is_run_dir(target)
+    if is_run and config is None:
+        # a run is evaluated as it was trained (its system prompt and eval settings), under the overrides
+        config = Path(target) / "config.yaml"
     cfg = load_config(config, overrides)
     run_domains: list[str] = []
     model_id: dict[str, Any] | None = None
     if isinstance(target, (str, os.PathLike)):
         path = Path(target)
-        if is_run_dir(path):
+        if is_run:
             done = checkpoints(path)  # the newest; its step is part of the evaluation's settings hash
             step = int(done[-1].name.split("-")[1]) if done else None
             model, tok = load_run(path, step)

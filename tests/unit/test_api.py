@@ -79,3 +79,14 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "api-demo" / "eval" / "index.json").exists()
     assert (tmp_path / "api-demo-adapter" / "adapter_config.json").exists()
     assert scope["harmful"]["n"] == 8 and "verdict" in scope["report"]
+
+
+def test_evaluate_a_run_takes_the_runs_settings_under_the_overrides(tmp_path, tiny_dir):
+    from safeft.testing import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, f"model.spec={tiny_dir}", "train.steps=1", "eval.max_new_tokens=3")
+    run = safeft.train(cfg, progress=False)
+    a = safeft.evaluate(run.run_dir, suites=["harmful"], limit=2, overrides={"eval.precision": "fp32"})
+    assert a["harmful"]["max_new_tokens"] == 3  # the run's eval section, not the default 64
+    b = safeft.evaluate(run.run_dir, suites=["harmful"], limit=2, overrides={"eval.max_new_tokens": 2})
+    assert b["harmful"]["max_new_tokens"] == 2
