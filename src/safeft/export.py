@@ -107,13 +107,7 @@ def load_run(run_dir: Path, step: int | None = None) -> tuple[torch.nn.Module, A
     """The run's model (adapter attached, not merged) at ``step`` (default: newest), and its tokenizer with
     the chat template the run trained with (``data.chat_template``), so what is exported or evaluated
     renders prompts as training did."""
-    from safeft.data.chat import use_chat_template
-
-    cfg = C.load(Path(run_dir) / "config.yaml")
-    model, tok = runs.load_run_model(run_dir, step)
-    if cfg.data is not None:
-        use_chat_template(tok, cfg.data.chat_template)
-    return model, tok
+    return runs.load_run_model(run_dir, step)  # it installs the run's chat template
 
 
 def _load_run_spec(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:

@@ -205,8 +205,8 @@ def prepare_tokenizer(tok) -> None:
     if tok.pad_token is None:
         # Labels are masked by our renderer, never by pad id, so reusing EOS as pad is safe here.
         tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
-        raise ModelError("the tokenizer has no chat template; safeft renders every prompt through it")
+    # A tokenizer without a chat template loads: data.chat_template may install one (data.chat); the renderer
+    # refuses to render without one, naming that key.
 
 
 # ----------------------------------------------------------------------------- structure

@@ -149,6 +149,10 @@ def load_run_model(run_dir: Path, step: int | None = None) -> tuple[nn.Module, A
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
     ckpt = done[-1] if step is None else run_dir / "checkpoints" / f"step-{step:06d}"
     model, tok = models.load(cfg.model.spec)
+    if cfg.data is not None:  # prompts render as they did in training
+        from safeft.data.chat import use_chat_template
+
+        use_chat_template(tok, cfg.data.chat_template)
     model = models.attach_lora(model, cfg.model.lora)
     load_trainable(model, ckpt)
     model.eval()

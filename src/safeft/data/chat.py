@@ -52,8 +52,18 @@ def conversation(ex: Example, system: str | None = None, with_response: bool = T
     return [{"role": t.role, "content": t.content} for t in turns]
 
 
+def require_template(tok) -> None:
+    """Every prompt is rendered through the chat template: without one, stop and say how to give one."""
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(
+            "the tokenizer has no chat template; safeft renders every prompt through it "
+            "(give one with data.chat_template=chatml|llama3|zephyr|<file.jinja>)"
+        )
+
+
 def prompt_text(tok, prompt: str, system: str | None = None) -> str:
     """The exact text a model sees before it starts answering ``prompt``."""
+    require_template(tok)
     return tok.apply_chat_template(_messages(prompt, system), tokenize=False, add_generation_prompt=True)
 
 
@@ -70,6 +80,7 @@ def example_prompt_ids(tok, ex: Example, system: str | None = None) -> list[int]
 
 
 def _ids(tok, msgs: list[dict[str, str]], generation: bool) -> list[int]:
+    require_template(tok)
     text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
     return tok(text, add_special_tokens=False)["input_ids"]
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from safeft import io
 from safeft.data.types import DataError
 from safeft.eval import judges
-from safeft.stats import put_rate
+from safeft.stats import put_rate as _put_rate
 
 if TYPE_CHECKING:
     from safeft.eval.generate import Generation, GenSettings
@@ -132,6 +132,12 @@ def metrics(records: list[dict[str, Any]], judge: str) -> dict[str, Any]:
         return out
     has = lambda k: any(k in v for v in vs)
     count = lambda xs: sum(bool(x) for x in xs)
+    # rates (and their intervals) are over the n answered items; the entry's n stays every prompt
+    put_rate = lambda entry, key, k, m: entry.update(  # noqa: E731
+        {x: y for x, y in _put_rate({}, key, k, m).items() if x != "n"}
+    )
+    if out["n_error"]:
+        out["n_answered"] = n
     if has("incoherent"):
         put_rate(out, "incoherent_rate", count(v.get("incoherent") for v in vs), n)
         return out
