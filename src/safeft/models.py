@@ -108,18 +108,41 @@ def resolve(spec: str) -> str:
     return spec  # a hub id; from_pretrained will download it if the user has a network
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """Load (model, tokenizer) from a hub id, directory, .gguf file or alias."""
+def load(spec: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) from a hub id, directory, .gguf file or alias.
+
+    Weights load from safetensors only unless ``allow_pickle`` (see ``refuse_pickle_weights``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(spec)
+    refuse_pickle_weights(Path(where), allow_pickle)
     try:
         tok = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        # use_safetensors=True: a hub repo with only pickled weights fails here instead of being unpickled
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=None if allow_pickle else True)
     except OSError as e:
         raise ModelError(f"cannot load model {spec!r} (resolved to {where!r}): {e}") from e
     prepare_tokenizer(tok)
     return model, tok
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_weights(path: Path, allow_pickle: bool) -> None:
+    """Refuse a local model directory whose only weights are pickles, unless the user opted in.
+
+    Unpickling a file runs whatever code it names; a model directory from someone else must not get to
+    run code by being loaded. Safetensors hold tensors only."""
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{path}: its weights are only pickle files ({', '.join(pickles[:3])}), and loading a pickle runs "
+            "any code it names. Convert them to safetensors, or set model.allow_pickle=true if you trust "
+            "this directory"
+        )
 
 
 def prepare_tokenizer(tok) -> None:
