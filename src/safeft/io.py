@@ -81,6 +81,18 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     return write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def _umask_modes(root: Path) -> None:
+    """Give ``root`` and everything in it the umask's modes. Writers we call into (safetensors, a
+    tokenizer's save) create some files 0600; a checkpoint is data for colleagues to read, not a secret."""
+    mask = umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it becomes ``target`` (an old one is replaced
@@ -94,7 +106,7 @@ def atomic_dir(target: str | Path, *, replace: bool = True) -> Iterator[Path]:
     try:
         with writing(target):  # an OSError while filling it (a full disk) names the target
             yield tmp
-            os.chmod(tmp, 0o777 & ~umask())
+            _umask_modes(tmp)
             if target.exists():
                 # the swap is two renames: move the old one aside first so no moment exists with neither
                 old = target.parent / f".{target.name}-old-{os.getpid()}"
