@@ -209,6 +209,21 @@ def looks_like_path(spec: str) -> bool:
     return len(parts) == 2 and Path(parts[0]).is_dir()
 
 
+def local_lookalike(spec: str) -> str | None:
+    """A local model directory or .gguf file whose path is a near miss of ``spec`` (a typo), if any."""
+    import difflib
+
+    path = Path(spec).expanduser()
+    parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
+    try:
+        entries = [p for p in parent.iterdir() if (p / "config.json").is_file() or p.suffix == ".gguf"]
+    except OSError:
+        return None
+    names = {p.name: p for p in entries}
+    hit = difflib.get_close_matches(path.name, list(names), n=1, cutoff=0.8)
+    return str(names[hit[0]]) if hit else None
+
+
 def _gguf_info(info: ModelInfo) -> None:
     """Depth and context from the GGUF header; a converted copy in the cache is used as a directory."""
     converted = models.cache_dir() / "models" / f"{info.gguf.stem}-{models._file_digest(info.gguf)}"
@@ -273,6 +288,12 @@ def inspect_model(mc: C.ModelConfig, model: nn.Module | None = None, tokenizer: 
         raise models.ModelError(
             f"model.spec={spec!r}: no such file or directory (it looks like a local path, so it is not "
             "tried as a hub id; a hub id is name or org/name)"
+        )
+    near = local_lookalike(spec)
+    if near is not None:
+        raise models.ModelError(
+            f"model.spec={spec!r}: no such file or directory; did you mean {near!r}, a model here? (a name "
+            "that resembles a local model is not sent to the hub; rename, or use org/name for a hub model)"
         )
     info = ModelInfo(spec, spec)  # a hub id: its config comes from the hub (or the local HF cache)
     info.n_layers, info.context = _depth_and_context(info.hf_config())

@@ -251,6 +251,11 @@ INPUTS = [
     I("model path missing", "model.spec={root}/no/such/model", expect=("no/such/model", "no such file or directory")),
     I("model path relative typo", "model.spec=./tiny-typo", expect=("./tiny-typo", "not tried as a hub id")),
     I("model spec with two slashes", "model.spec=org/sub/model", expect=("org/sub/model", "looks like a local path")),
+    I(
+        "model name a typo of a local model",
+        "model.spec=tiny-modle",
+        expect=("tiny-modle", "did you mean 'tiny-model'"),
+    ),
     I("gguf missing", "model.spec={root}/model.gguf", expect=("model.gguf", "GGUF file not found")),
     I("model spec is a file", "model.spec={afile}", expect=("afile", "is a file")),
     I("model dir without tokenizer", "model.spec={notok}", expect=("notok", "no tokenizer files")),
@@ -536,6 +541,7 @@ def _args(case: Case, env: dict[str, str], out: Path) -> list[str]:
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
 def test_bad_input(case: Case, env, tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-model").symlink_to(env["tiny"])  # a local model a typo can resemble
     out = tmp_path / "runs"
     run = out / "r"
     if case.start:
@@ -567,6 +573,7 @@ def test_bad_input(case: Case, env, tmp_path, capsys, caplog, monkeypatch):
 @pytest.mark.parametrize("case", INPUTS, ids=[c.id for c in INPUTS])
 def test_validate_and_train_agree(case: Case, env, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-model").symlink_to(env["tiny"])
     out = tmp_path / "runs"
     args = _args(case, env, out)
     rc_v, out_v, err_v = cli(capsys, "validate", *args)
