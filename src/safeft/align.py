@@ -180,7 +180,10 @@ def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, forc
     run_cfg = dataclasses.replace(
         cfg, train=cfg.align.train, data=C.DataConfig(task="safeft:alignment", max_length=256), run_id=None
     )
-    res = train(run_cfg, examples=rows, model=base, tokenizer=tok, run_dir=out / "run", progress=progress)
+    # force: re-align from scratch, not hand back the finished run of an earlier alignment
+    res = train(
+        run_cfg, examples=rows, model=base, tokenizer=tok, run_dir=out / "run", progress=progress, overwrite=force
+    )
     merged = models.merge_and_unload(res.model)
     models.save_model(merged, tok, model_dir)
     log.info("aligned model saved to %s", model_dir)

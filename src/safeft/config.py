@@ -47,6 +47,9 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # system prompt for the chat template; None = the template's own default
     system_prompt: str | None = None
+    # load a model directory whose weights are only pickles (pytorch_model.bin): unpickling runs whatever
+    # code the file names, so only for files you trust. Off: such a directory is refused.
+    allow_pickle: bool = False
 
 
 @dataclass

@@ -132,7 +132,7 @@ class SpecFormat:
 SPEC_FORMATS: Registry[SpecFormat] = Registry("model directory format", plugins=("safeft.export",))
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+def load(spec: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from a hub id, directory, .gguf file, alias, PEFT adapter or safeft run.
 
     A run directory loads as the run's trained model (its newest checkpoint on its base model); a PEFT
@@ -141,7 +141,8 @@ def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, obje
     model with the adapter merged into the weights, so that every caller sees one kind of model: fine-tuning
     it with LoRA again attaches a fresh adapter on top of the merged weights (the loaded adapter is not
     trained further), and the frozen reference of that fine-tuning run (``reference``) is the loaded model
-    itself. The merge runs in fp32, before any cast to ``dtype``.
+    itself. The merge runs in fp32, before any cast to ``dtype``. Weights load from safetensors only unless
+    ``allow_pickle`` (see ``refuse_pickle_weights``).
     """
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -149,7 +150,7 @@ def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, obje
             fmt = SPEC_FORMATS.get(name)
             if fmt.matches(path):
                 return fmt.load(path, dtype)
-    return _load_plain(spec, dtype)
+    return _load_plain(spec, dtype, allow_pickle)
 
 
 def _load_adapter(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
@@ -188,17 +189,38 @@ SPEC_FORMATS.register("peft_adapter", "a PEFT adapter directory: its base model 
 )
 
 
-def _load_plain(spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+def _load_plain(spec: str, dtype: torch.dtype, allow_pickle: bool = False) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(spec)
+    refuse_pickle_weights(Path(where), allow_pickle)
     try:
         tok = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        # use_safetensors=True: a hub repo with only pickled weights fails here instead of being unpickled
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=None if allow_pickle else True)
     except OSError as e:
         raise ModelError(f"cannot load model {spec!r} (resolved to {where!r}): {e}") from e
     prepare_tokenizer(tok)
     return model, tok
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle_weights(path: Path, allow_pickle: bool) -> None:
+    """Refuse a local model directory whose only weights are pickles, unless the user opted in.
+
+    Unpickling a file runs whatever code it names; a model directory from someone else must not get to
+    run code by being loaded. Safetensors hold tensors only."""
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(
+            f"{path}: its weights are only pickle files ({', '.join(pickles[:3])}), and loading a pickle runs "
+            "any code it names. Convert them to safetensors, or set model.allow_pickle=true if you trust "
+            "this directory"
+        )
 
 
 def prepare_tokenizer(tok) -> None:

@@ -7,6 +7,11 @@ hand ``grad_accum`` micro-batches to ``defense.step`` (which does its own forwar
 Resume is exact: a checkpoint holds the trainable weights (adapter or full), optimizer, scheduler, every
 RNG, the data position of the task stream and of every aux stream, and the defense's own state. A run
 killed after step k and resumed ends with the same weights and the same metrics as one that never stopped.
+
+Around the loop, and kept apart from it: ``safeft.validate.check`` runs every input check first (nothing
+is written or loaded before it passes), ``safeft.runs`` holds the run directory's lock and decides fresh /
+resume / finished, and a step whose loss, gradients or updated weights are non-finite stops the run
+before anything non-finite is saved (``TrainingDiverged``).
 """
 
 from __future__ import annotations
@@ -24,14 +29,13 @@ import torch
 from torch import nn
 
 from safeft import config as C
-from safeft import io, methods, models
+from safeft import io, models, runs, validate
 from safeft import precision as P
 from safeft.context import RunContext, Stream, make_accelerator
-from safeft.data.aux import SERVICES, build_aux
 from safeft.data.chat import render, render_task, use_chat_template
 from safeft.data.types import Example
 from safeft.runs import (
-    check_same_config,
+    TrainingDiverged,
     checkpoints,
     load_checkpoint,
     load_run_model,
@@ -42,13 +46,13 @@ from safeft.runs import (
     set_rng_state,
     truncate_log,
 )
-from safeft.threats.poison import check_fraction, poison
 
 # Re-exported for callers that knew them here; their home is context / runs.
 __all__ = [
     "RunContext",
     "Stream",
     "TrainResult",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "checkpoints",
     "load_run_model",
@@ -107,8 +111,7 @@ class PeriodicASR:
         finally:
             set_rng_state(rng)
         line = {"step": ctx.step, **res}
-        with self.path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        io.append_jsonl(self.path, line)
         return line
 
 
@@ -123,19 +126,7 @@ class TrainResult:
     steps: int
     final_loss: float
     metrics: list[dict[str, Any]]
-
-
-def _load_task_examples(cfg: C.RunConfig) -> list[Example]:
-    from safeft.data.sources import load_source, load_task
-
-    if cfg.data is None:
-        raise C.ConfigError("training needs data.task (e.g. data.task=domain:finance)")
-    rows = load_task(cfg.data)  # columns mapped, n_train applied, every row answered
-    check_fraction(cfg.data.poison)
-    if cfg.data.poison > 0:
-        harmful = load_source(cfg.data.poison_source)
-        rows = poison(rows, harmful, cfg.data.poison, cfg.data.seed, where=cfg.data.poison_source)
-    return rows
+    finished_before: bool = False  # the run directory held this run finished already; nothing was trained
 
 
 def _seed_all(seed: int) -> None:
@@ -163,38 +154,82 @@ def train(
     aux: dict[str, list[Example]] | None = None,
     run_dir: Path | None = None,
     resume: bool = True,
+    overwrite: bool = False,
     interrupt_after: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune ``cfg.model`` on the task data with ``cfg.defense``.
 
     ``model``/``tokenizer`` may be passed in (tests, the demo) instead of loaded from ``cfg.model.spec``;
-    the model must not have an adapter yet. ``interrupt_after`` stops after that step, as a kill would
-    (tests use it to check resume).
+    the model must not have an adapter yet. An existing run in ``run_dir`` is resumed (same config and
+    data, else refused); ``resume=False`` refuses it unless ``overwrite``, which deletes it first; a
+    finished one is returned as it is, untouched (``finished_before``). ``interrupt_after`` stops after
+    that step, as a kill would (tests use it to check resume).
     """
-    tc = cfg.train
-    # Everything that can reject bad input runs before anything is written: a bad config or data row
-    # must not leave a half-made run directory behind.
-    P.pick(tc.precision)
-    if tc.steps < 1 or tc.batch_size < 1 or tc.grad_accum < 1:
-        raise C.ConfigError("train.steps, train.batch_size and train.grad_accum must be >= 1")
-    if tc.eval_every < 0 or tc.eval_n_harmful < 1:
-        raise C.ConfigError("train.eval_every must be >= 0 (0 = off) and train.eval_n_harmful >= 1")
-    defense = methods.build(cfg.defense)
-    examples = examples if examples is not None else _load_task_examples(cfg)
-    # Aux data the defense declares and the caller did not pass in (the CLI path) comes from the splits.
-    aux = dict(aux or {})
-    missing_aux = [n for n in defense.needs if n not in aux and n not in SERVICES]
-    aux.update(build_aux(missing_aux, seed=cfg.train.seed))
-    # A defense may change the task data itself (safety-data mixing); still before anything is written.
-    examples = defense.task_examples(examples, aux)
+    # (a) Every check of the inputs runs before anything is written or loaded; `safeft validate` runs the same.
+    checked = validate.check(cfg, examples=examples, model=model, tokenizer=tokenizer, aux=aux)
     run_dir = Path(run_dir) if run_dir else make_run_dir(cfg)
-    check_same_config(run_dir, cfg)
+    # (b) One directory, one run: hold its lock, then start fresh, resume, or report it finished.
+    created = not run_dir.exists()
+    try:
+        with runs.lock(run_dir):
+            mode, point = runs.open_run(run_dir, cfg, checked.fingerprint, resume=resume, overwrite=overwrite)
+            if mode == "finished":
+                return _finished(cfg, run_dir, model, tokenizer)
+            return _train(cfg, checked, model, tokenizer, run_dir, point, interrupt_after, progress)
+    finally:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # refused or failed before writing: no empty directory left behind
+
+
+def _finished(cfg: C.RunConfig, run_dir: Path, model: nn.Module | None, tokenizer: Any) -> TrainResult:
+    """A run that already ran to its end: its final weights and logs, nothing rewritten."""
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    log.info("%s: finished already (%s steps); left as it is", run_dir, summary.get("steps"))
     if model is None:
-        model, tokenizer = models.load(cfg.model.spec)
+        model, tokenizer = models.load(cfg.model.spec, allow_pickle=cfg.model.allow_pickle)
+    model = models.attach_lora(model, cfg.model.lora)
+    load_trainable(model, checkpoints(run_dir)[-1])
+    model.eval()
+    metrics = runs.read_log(run_dir / "metrics.jsonl")
+    return TrainResult(run_dir, model, tokenizer, summary["steps"], summary["final_loss"], metrics, True)
+
+
+def _first_nonfinite(model: nn.Module) -> str | None:
+    """The first trainable tensor holding inf/NaN (or so large its sum overflows, divergence all the same)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sums = torch.stack([p.detach().float().sum() for _, p in named])  # one small reduction per tensor
+    ok = torch.isfinite(sums)
+    return None if bool(ok.all()) else named[int((~ok).nonzero()[0])][0]
+
+
+def _diverged(ctx: RunContext, what: str, terms: dict[str, float]) -> TrainingDiverged:
+    done = checkpoints(ctx.run_dir)
+    terms_text = ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) or "none"
+    return TrainingDiverged(
+        f"step {ctx.step + 1}: {what} (loss terms: {terms_text}). Stopped before saving anything non-finite: "
+        f"the newest checkpoint ({done[-1].name if done else 'none yet'}) is the last finite one. "
+        "Lower train.lr or set train.max_grad_norm"
+    )
+
+
+def _train(
+    cfg: C.RunConfig,
+    checked: validate.Checked,
+    model: nn.Module | None,
+    tokenizer: Any,
+    run_dir: Path,
+    point: tuple[Path, dict[str, Any], dict[str, Any]] | None,
+    interrupt_after: int | None,
+    progress: bool,
+) -> TrainResult:
+    tc = cfg.train
+    defense, examples, aux = checked.defense, checked.examples, checked.aux
+    if model is None:
+        model, tokenizer = models.load(cfg.model.spec, allow_pickle=cfg.model.allow_pickle)
     if cfg.data is not None:
         use_chat_template(tokenizer, cfg.data.chat_template)
-        # rows cut at max_length are counted and logged; past data.max_truncated the run stops here
+        # rows cut at max_length are counted and logged (validate.check refused too many already)
         rows, rendered = render_task(
             tokenizer, examples, cfg.model.system_prompt, cfg.data.max_length, cfg.data.max_truncated
         )
@@ -202,6 +237,7 @@ def train(
         rows, rendered = [render(tokenizer, ex, cfg.model.system_prompt) for ex in examples], None
     run_dir.mkdir(parents=True, exist_ok=True)
     C.save(cfg, run_dir / "config.yaml")
+    runs.record_fingerprint(run_dir, *checked.fingerprint, cfg.data.task if cfg.data else None)
     _seed_all(tc.seed)
     model = models.attach_lora(model, cfg.model.lora)
     if "reference" in defense.needs:
@@ -234,14 +270,17 @@ def train(
 
     metrics_path = run_dir / "metrics.jsonl"
     asr = PeriodicASR(cfg, run_dir)
-    done = checkpoints(run_dir) if resume else []
-    if done:
-        state, defense_state = load_checkpoint(done[-1], ctx.unwrapped, optimizer, scheduler)
+    resumed_loss = float("nan")
+    if point is not None:  # (b) the newest checkpoint with readable trainer state (runs.open_run)
+        ckpt, _, trainer = point
+        state, defense_state = load_checkpoint(ckpt, ctx.unwrapped, optimizer, scheduler, trainer)
         defense.load_state_dict(defense_state)
         ctx.step, task.pos, ctx.resume_streams = state["step"], state["task_pos"], state["streams"]
         post_hoc_done = state.get("post_hoc_done", False)
         for path in (metrics_path, asr.path):
             truncate_log(path, ctx.step)
+        # a run resumed at its last step trains nothing more; its summary keeps the loss it logged
+        resumed_loss = next((r["loss"] for r in reversed(runs.read_log(metrics_path)) if "loss" in r), resumed_loss)
         log.info("resuming %s from step %d", run_dir, ctx.step)
     else:
         for path in (metrics_path, asr.path):
@@ -257,14 +296,14 @@ def train(
     setup_cost = {k: ctx.passes[k] - setup_passes[k] for k in ctx.passes}
 
     history: list[dict[str, Any]] = []
-    last_loss = float("nan")
+    last_loss = resumed_loss
     from tqdm.auto import tqdm
 
     bar = tqdm(total=tc.steps, initial=ctx.step, desc=f"train {cfg.defense.name}", disable=not progress)
     try:
         if ctx.step == 0 and asr.due(0):  # the starting point of the ASR curve (the aligned model)
             asr.run(ctx)
-        with metrics_path.open("a") as mf:
+        with io.AppendLog(metrics_path) as mf:
             while ctx.step < tc.steps:
                 t0 = time.perf_counter()
                 ctx.passes = {"forward": 0, "backward": 0}
@@ -280,12 +319,16 @@ def train(
                     for k, v in out.terms.items():
                         sums[k] = sums.get(k, 0.0) + float(v) / tc.grad_accum
                     diags.update(out.diagnostics)  # the last micro-batch's values
-                if not np.isfinite(total):  # before the update: a NaN must never reach the weights
-                    raise FloatingPointError(f"step {ctx.step + 1}: loss is {total}; terms {sums}")
+                if not np.isfinite(total):  # (c) before the update: a NaN must never reach the weights
+                    raise _diverged(ctx, f"the loss is {total}", sums)
                 row: dict[str, Any] = {"step": ctx.step + 1, "lr": scheduler.get_last_lr()[0], "loss": total}
                 if tc.max_grad_norm is not None:
                     row["grad_norm"] = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
+                    if not np.isfinite(row["grad_norm"]):  # (c)
+                        raise _diverged(ctx, f"the gradient norm is {row['grad_norm']}", sums)
                 optimizer.step()
+                if (bad := _first_nonfinite(ctx.unwrapped)) is not None:  # (c) a finite loss, a too-large step
+                    raise _diverged(ctx, f"the update made {bad} non-finite", sums)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 ctx.step += 1
@@ -313,6 +356,8 @@ def train(
             # not be applied twice when a finished run is resumed: save again, marked as done. The save
             # before it (inside the loop) keeps the trained weights should after_train fail.
             defense.after_train(ctx)
+            if (bad := _first_nonfinite(ctx.unwrapped)) is not None:  # (c)
+                raise TrainingDiverged(f"{cfg.defense.name}'s post-hoc step made {bad} non-finite; not saved")
             post_hoc_done = True
             save()
     finally:

@@ -40,6 +40,7 @@ import csv
 import difflib
 import gzip
 import importlib.util
+import io
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -341,25 +342,45 @@ def load_jsonl(arg: str | None, columns: Mapping[str, str] | None = None) -> lis
     cols = Columns(columns)
     out: list[Example] = []
     ids = _IdGuard()
-    lineno = 0
-    try:
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                where = f"{arg}, line {lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
-                if isinstance(row, Mapping):  # JSON Lines has no header: each row shows its own columns
-                    cols.check(row.keys(), where, what="this row has")
-                ex = _row_to_example(row, where, default_id=f"{path.stem}-{lineno}", cols=cols)
-                ids.check(ex.id, where)
-                out.append(ex)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{arg}, line {lineno + 1}: not valid UTF-8 ({e.reason})") from e
+    # Read bytes and decode line by line: a text-mode reader decodes ahead in blocks, so a bad byte would
+    # be reported on whatever line the loop had reached, not on its own.
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{arg}, line {lineno}"
+            line = _decode_line(raw, where, first=lineno == 1)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
+            if isinstance(row, Mapping):  # JSON Lines has no header: each row shows its own columns
+                cols.check(row.keys(), where, what="this row has")
+            ex = _row_to_example(row, where, default_id=f"{path.stem}-{lineno}", cols=cols)
+            ids.check(ex.id, where)
+            out.append(ex)
     return out
+
+
+def _decode_line(raw: bytes, where: str, first: bool = False) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    return text.removeprefix("\ufeff") if first else text  # a BOM some editors write
+
+
+def _decode_file(path: Path, arg: str) -> str:
+    """The whole file as text; a bad byte is reported on its own line."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # the BOM, so error offsets are the file's lines
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{arg}, line {lineno}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1})"
+        ) from None
 
 
 @SOURCES.register("csv")
@@ -370,10 +391,11 @@ def load_csv(arg: str | None, columns: Mapping[str, str] | None = None) -> list[
     cols = Columns(columns)
     out: list[Example] = []
     ids = _IdGuard()
+    # Spreadsheets commonly prepend a BOM, which would otherwise glue itself to the first header name and
+    # make the "prompt" column invisible: _decode_file drops it.
+    text = _decode_file(path, arg)
     try:
-        # utf-8-sig: spreadsheets commonly prepend a BOM, which would otherwise glue itself to the first
-        # header name and make the "prompt" column invisible.
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with io.StringIO(text, newline="") as fh:
             reader = csv.reader(fh)
             try:
                 header = next(reader)
@@ -406,8 +428,6 @@ def load_csv(arg: str | None, columns: Mapping[str, str] | None = None) -> list[
                 ex = _row_to_example(row, where, default_id=f"{path.stem}-{start}", cols=cols)
                 ids.check(ex.id, where)
                 out.append(ex)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{arg}: not valid UTF-8 ({e.reason})") from e
     except csv.Error as e:
         raise DataError(f"{arg}, line {reader.line_num}: malformed CSV ({e})") from e
     return out

@@ -242,18 +242,11 @@ def open_run(run_dir: Path) -> RunModels:
 
 def logged_asr(run_dir: Path) -> dict[int, dict[str, Any]]:
     """step -> the ASR line the run logged with ``train.eval_every`` (empty if it did not)."""
-    path = Path(run_dir) / "evals.jsonl"
-    if not path.exists():
-        return {}
-    out = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rec = json.loads(line)
-                out[int(rec["step"])] = rec
-            except (ValueError, KeyError) as e:
-                raise C.ConfigError(f"{path}:{n}: not an ASR record ({e})") from None
-    return out
+    from safeft.runs import read_log
+
+    # the run's own reader: a torn last line (a killed run) is dropped with a warning, a damaged one before
+    # it is an error naming the line
+    return {rec["step"]: rec for rec in read_log(Path(run_dir) / "evals.jsonl")}
 
 
 def _asr_now(rm: RunModels, examples: list[Example], reference: bool) -> dict[str, Any]:
