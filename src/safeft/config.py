@@ -46,6 +46,13 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # system prompt for the chat template; None = the template's own default
     system_prompt: str | None = None
+    # Memory levers (safeft.devices): weight storage dtype fp32 | bf16 | fp16 (LoRA adapters stay fp32);
+    # recompute blocks in the backward; sdpa | eager | flash_attention_2 (null = transformers' choice);
+    # QLoRA: a frozen NF4 base through bitsandbytes (CUDA only, pip install 'safeft[qlora]').
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    load_in_4bit: bool = False
 
 
 @dataclass

@@ -108,17 +108,28 @@ def resolve(spec: str) -> str:
     return spec  # a hub id; from_pretrained will download it if the user has a network
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """Load (model, tokenizer) from a hub id, directory, .gguf file or alias."""
+def load(
+    spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None, **from_pretrained
+) -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) from a hub id, directory, .gguf file or alias.
+
+    ``device``: where to put the model (``safeft.devices.place``; ``"auto"`` = the placement rule), None =
+    where ``from_pretrained`` leaves it. ``from_pretrained``: further keyword arguments for it, e.g. the
+    memory levers of ``safeft.devices.load_args(cfg.model)``, which also supplies ``dtype`` and ``device``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(spec)
     try:
         tok = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **from_pretrained)
     except OSError as e:
         raise ModelError(f"cannot load model {spec!r} (resolved to {where!r}): {e}") from e
     prepare_tokenizer(tok)
+    if device is not None:
+        from safeft.devices import place
+
+        model = place(model, device)
     return model, tok
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from safeft import config as C
-from safeft import io, models
+from safeft import devices, io, models
 
 
 def make_run_dir(cfg: C.RunConfig) -> Path:
@@ -68,25 +68,51 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    run_dir: Path, model: nn.Module, optimizer, scheduler, defense_state: dict[str, Any], state: dict[str, Any]
+    run_dir: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    defense_state: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint ``step-<state['step']>`` atomically; older ones keep only their weights.
 
-    ``model`` is the unwrapped model; ``state`` the JSON part (step, data positions, flags).
+    ``model`` is the unwrapped model; ``state`` the JSON part (step, data positions, flags). ``weights``
+    replaces ``trainable_state(model)`` (gathered from a sharded engine); ``optimizer=None`` writes weights
+    and state only (no resume from it). ``rng_ranks``: every process's RNG under data parallelism, so each
+    resumes its own random stream (``rank_rng_state``).
     """
     from safetensors.torch import save_file
 
     final = Path(run_dir) / "checkpoints" / f"step-{state['step']:06d}"
     with io.atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        torch.save({**trainer, "rng": rng_state(), "defense": defense_state}, tmp / "trainer.pt")
+        save_file(weights if weights is not None else trainable_state(model), str(tmp / "trainable.safetensors"))
+        if optimizer is not None:
+            trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            torch.save({**trainer, "rng": rng_state(), "defense": defense_state}, tmp / "trainer.pt")
+        if rng_ranks is not None:
+            torch.save(rng_ranks, tmp / "rng.pt")
         io.write_json(tmp / "state.json", state, indent=None)
     # Only the newest checkpoint needs optimizer state to resume; older ones keep their weights for
     # diagnosis (CKA over training) at a third of the size.
     for old in checkpoints(run_dir)[:-1]:
         (old / "trainer.pt").unlink(missing_ok=True)
+        (old / "rng.pt").unlink(missing_ok=True)
     return final
+
+
+def rank_rng_state(ckpt: Path, rank: int) -> dict[str, Any] | None:
+    """Process ``rank``'s RNG state from a checkpoint written under data parallelism (None otherwise)."""
+    path = Path(ckpt) / "rng.pt"
+    if not path.exists():
+        return None
+    states = torch.load(path, weights_only=False)
+    if rank >= len(states):
+        raise RuntimeError(f"{ckpt} holds the RNG of {len(states)} processes; this is process {rank}")
+    return states[rank]
 
 
 def load_trainable(model: nn.Module, ckpt: Path) -> None:
@@ -148,7 +174,7 @@ def load_run_model(run_dir: Path, step: int | None = None) -> tuple[nn.Module, A
     if not done:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
     ckpt = done[-1] if step is None else run_dir / "checkpoints" / f"step-{step:06d}"
-    model, tok = models.load(cfg.model.spec)
+    model, tok = models.load(cfg.model.spec, **devices.load_args(cfg.model))
     model = models.attach_lora(model, cfg.model.lora)
     load_trainable(model, ckpt)
     model.eval()
