@@ -21,7 +21,7 @@ import random
 from pathlib import Path
 
 from safeft import config as C
-from safeft import io, models
+from safeft import devices, io, models
 from safeft.data import refusals
 from safeft.data.splits import assert_no_leakage, safety_splits
 from safeft.data.types import Example
@@ -157,7 +157,7 @@ def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, forc
     if (model_dir / "config.json").exists() and not force:
         log.info("aligned model found in cache: %s", model_dir)
         return model_dir
-    base, tok = models.load(cfg.model.spec)
+    base, tok = models.load(cfg.model.spec, **devices.load_args(cfg.model))  # answers generated on the device
     rows = alignment_examples(cfg, base, tok, progress)
     io.write_jsonl(out / "alignment_data.jsonl", [dataclasses.asdict(r) for r in rows])
     run_cfg = dataclasses.replace(

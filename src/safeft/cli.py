@@ -78,7 +78,7 @@ def cmd_eval(args) -> int:
         return cmd_rescore(args)
     if args.judge:
         raise C.ConfigError("--judge goes with --rescore; to pick the judge used while generating, set eval.judge=NAME")
-    from safeft import models
+    from safeft import devices, models
     from safeft.eval.suites import evaluate
     from safeft.runs import load_run_model
 
@@ -90,7 +90,7 @@ def cmd_eval(args) -> int:
         out = target
         domains = [run_cfg.data.task.split(":")[1]] if run_cfg.data and run_cfg.data.task.startswith("domain:") else []
     else:
-        model, tok = models.load(args.target)
+        model, tok = models.load(args.target, **devices.load_args(cfg.model))
         out = Path(cfg.out_dir) / (cfg.run_id or f"eval-{Path(args.target).name}")
         domains = []
     domains = args.domain or domains

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from dp_driver import KILLED_AFTER, SCENARIOS, run
 
 import safeft
-from dp_driver import KILLED_AFTER, SCENARIOS, run
 
 pytestmark = pytest.mark.parallel
 
