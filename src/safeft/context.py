@@ -292,7 +292,9 @@ class RunContext:
     def stream(self, name: str, rows: list[Rendered], batch_size: int) -> Stream:
         """A named aux stream whose position the loop checkpoints, so defenses resume exactly."""
         if name not in self.streams:
-            self.streams[name] = Stream(rows, batch_size, self.cfg.train.seed, name, self.rank, self.processes)
+            self.streams[name] = Stream(
+                rows, batch_size, self.cfg.train.seed, name, rank=self.rank, processes=self.processes
+            )
         return self.streams[name]
 
     def restore_streams(self) -> None:

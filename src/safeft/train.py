@@ -241,7 +241,7 @@ def train(
 
     ctx = RunContext(accelerator, model, tokenizer, cfg, run_dir, aux=aux, task_rows=rows)
     # Each process takes its slice of every global batch (Stream); the position is global, so one integer.
-    task = Stream(rows, tc.batch_size, tc.seed, "task", ctx.rank, ctx.processes)
+    task = Stream(rows, tc.batch_size, tc.seed, "task", rank=ctx.rank, processes=ctx.processes)
     post_hoc_done = False  # after_train has run and its result is in the final checkpoint
     global_batch = tc.batch_size * ctx.processes * tc.grad_accum
     log.info(

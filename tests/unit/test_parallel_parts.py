@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from safeft import config as C
-from safeft.context import FEATURES, Stream, check_supported, first_difference, fingerprint
+from safeft.context import FEATURES, Stream, check_supported, fingerprint, first_difference
 from safeft.data.chat import Rendered
 from safeft.methods import METHODS
 from safeft.testing import tiny_run_config
