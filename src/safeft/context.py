@@ -245,6 +245,14 @@ class RunContext:
         # what a pass costs grows with its positions, padding included, not with its count
         self.count("forward", 0 if x is None else x.shape[0] * x.shape[1])
         net = model or self.model
+        emb = inputs.get("inputs_embeds")
+        if emb is not None and emb.is_floating_point():
+            # Embeddings built outside the model (SAFT's emb + δ, kept in fp32) enter in the dtype the model
+            # holds its weights in (model.dtype=bf16/fp16): a no-op for fp32 weights, and under autocast the
+            # first matmul would round them the same way.
+            want = self.unwrapped.get_input_embeddings().weight.dtype
+            if emb.dtype != want:
+                inputs["inputs_embeds"] = emb.to(want)
         if autocast:
             with self.accelerator.autocast():
                 return net(**inputs, **kw)
