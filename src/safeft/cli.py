@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def cmd_train(args) -> int:
     cfg = _load_cfg(args)
     _stage_note(cfg, "train")
     res = train(cfg, resume=not args.no_resume)
-    print(f"{res.run_dir}  steps={res.steps}  final loss={res.final_loss:.4f}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process of a launch
+        print(f"{res.run_dir}  steps={res.steps}  final loss={res.final_loss:.4f}")
     return 0
 
 
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.DEBUG if args.verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch one process speaks; the others warn
+        level = logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from safeft.data.types import DataError
     from safeft.eval.generate import GenerationError

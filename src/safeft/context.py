@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -88,6 +89,18 @@ def check_supported(defense, features: list[str]) -> None:
     for f in features:
         if f in defense.unsupported:
             raise C.ConfigError(f"defense {defense.name!r} cannot run with {FEATURES[f]}: {defense.unsupported[f]}")
+
+
+def is_main_process() -> bool:
+    """Whether this process writes, usable before an accelerator exists: rank 0 of a ``torchrun`` /
+    ``accelerate launch`` (they set RANK), or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    """Wait for every process of a multi-process launch (nothing to wait for otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def shards_parameters(accelerator) -> bool:

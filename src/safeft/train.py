@@ -210,6 +210,10 @@ def train(
     precision = P.pick(tc.precision)
     accelerator = make_accelerator(precision)
     check_supported(defense, run_features(accelerator, cfg))
+    if (ds := getattr(accelerator.state, "deepspeed_plugin", None)) is not None:
+        # no dataloader is prepared, so DeepSpeed's per-device batch cannot be inferred ("auto"); the loop
+        # accumulates itself (ctx.micro_sync marks the boundary), so DeepSpeed's own accumulation stays 1
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = tc.batch_size
     devices.check_levers(cfg.model)
     run_dir = broadcast(accelerator, Path(run_dir) if run_dir else make_run_dir(cfg))  # a time-stamped id: main's
     check_same_config(run_dir, cfg)
