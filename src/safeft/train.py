@@ -312,8 +312,7 @@ def train(
     setup_cost = {k: ctx.passes[k] - setup_passes[k] for k in ctx.passes}
     # Every process computed the defense's caches itself from the same weights and data: check they agree.
     check_same_on_every_process(ctx, f"defense {cfg.defense.name!r}'s caches after setup", defense)
-    if ctx.processes > 1:
-        _own_random_stream(ctx, done[-1] if done else None)
+    _own_random_stream(ctx, done[-1] if done else None)
 
     history: list[dict[str, Any]] = []
     last_loss = float("nan")
@@ -442,7 +441,18 @@ def _own_random_stream(ctx: RunContext, resumed_from: Path | None) -> None:
     would correlate what should be independent samples across the global batch. Setup ran before this, on
     the same RNG everywhere, so the defenses' caches agree. Process 0 keeps the stream a single-process run
     has; a resumed run restores each process's own state from the checkpoint."""
-    own = rank_rng_state(resumed_from, ctx.rank) if resumed_from is not None else None
+    saved = None
+    if resumed_from is not None:
+        saved = json.loads((resumed_from / "state.json").read_text()).get("processes", 1)
+        if saved != ctx.processes:
+            log.warning(
+                "%s was written by %d processes and resumes with %d: the global batch changes from here on, "
+                "so the run is no longer the one an uninterrupted run would be",
+                resumed_from,
+                saved,
+                ctx.processes,
+            )
+    own = rank_rng_state(resumed_from, ctx.rank) if saved == ctx.processes and ctx.processes > 1 else None
     if own is not None:
         set_rng_state(own)
     elif ctx.rank > 0:
