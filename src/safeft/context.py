@@ -345,9 +345,12 @@ def fingerprint(obj: Any, _depth: int = 0, _seen: set[int] | None = None) -> Any
     if isinstance(obj, Stream):  # its rank differs by design; the shared state is the position
         return ("stream", obj.name, obj.pos, obj.batch_size, len(obj.rows))
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        f = t.double() if t.is_floating_point() or t.is_complex() else t.to(torch.float64)
-        return ("tensor", tuple(t.shape), str(t.dtype), float(f.sum()), float(f.square().sum()))
+        t = obj.detach().reshape(-1)
+        s = q = 0.0
+        for chunk in t.split(1 << 22):  # fp64 a chunk at a time: an embedding matrix is never copied whole
+            c = chunk.to(torch.float64)
+            s, q = s + float(c.sum()), q + float(c.square().sum())
+        return ("tensor", tuple(obj.shape), str(obj.dtype), s, q)
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
     if _depth > 6 or id(obj) in seen or isinstance(obj, nn.Module | torch.optim.Optimizer):

@@ -59,11 +59,9 @@ def test_the_seed_defenses_that_can_run_sharded_are_not_refused():
 
 
 def test_the_loop_refuses_before_writing_anything(tmp_path, tiny, monkeypatch):
-    from safeft import context
     from safeft.train import train
 
-    monkeypatch.setattr(context, "run_features", lambda acc, cfg: ["processes"])
-    monkeypatch.setattr("safeft.train.run_features", context.run_features)
+    monkeypatch.setattr("safeft.train.run_features", lambda acc, cfg: ["processes"])  # as under a launch
     model, tok = tiny
     cfg = tiny_run_config(tmp_path / "runs", "defense.name=booster")
     with pytest.raises(C.ConfigError, match="'booster' cannot run with data parallelism"):
