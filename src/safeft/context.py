@@ -45,10 +45,13 @@ def make_accelerator(precision: str):
     # stages) may ask for another precision, so start from a clean state each time (the process group of
     # a multi-process launch survives this: only accelerate's bookkeeping is reset).
     AcceleratorState._reset_state(reset_partial_state=True)
+    rule = default_device()
+    if rule.type == "cuda" and rule.index is not None and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(rule)  # one process: SAFEFT_DEVICE=cuda:1 trains on GPU 1 (a launcher sets its own)
     return Accelerator(
         mixed_precision="bf16" if precision == "bf16" else "no",
         # the placement rule (safeft.devices): SAFEFT_DEVICE=cpu keeps training off a GPU too
-        cpu=default_device().type == "cpu",
+        cpu=rule.type == "cpu",
         # The loop steps the scheduler once per optimizer step, and train.steps counts optimizer steps. By
         # default accelerate's prepared scheduler steps num_processes times per call (it assumes a schedule
         # written for one process's batches), which ran the LR schedule P times too fast.

@@ -7,7 +7,9 @@
     runs/<run-id>/evals.jsonl           periodic ASR during training (train.eval_every)
     runs/<run-id>/checkpoints/step-N/   trainable.safetensors (adapter or full weights), trainer.pt
                                         (optimizer, scheduler, RNG, the defense's state; newest only),
-                                        state.json (step, data positions); complete once state.json exists
+                                        rng.pt (every process's RNG under data parallelism; newest only),
+                                        state.json (step, data positions, process count); complete once
+                                        state.json exists
     runs/<run-id>/train_summary.json    written when training ends
 
 The loop (``safeft.train``), diagnosis and the CLI read and write runs through these functions only.

@@ -110,12 +110,16 @@ def test_train_asks_accelerate_for_the_rules_device(monkeypatch, tiny_dir, tmp_p
             asked.append(kw["cpu"])
             super().__init__(*a, **{**kw, "cpu": True})
 
+    chosen = []
     monkeypatch.setattr(accelerate, "Accelerator", Spy)
-    for rule, cpu in ((torch.device("cuda", 0), False), (torch.device("cpu"), True)):
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for rule, cpu in ((torch.device("cuda", 1), False), (torch.device("cpu"), True)):
         monkeypatch.setattr(context, "default_device", lambda rule=rule: rule)
         cfg = tiny_run_config(tmp_path / str(cpu), f"model.spec={tiny_dir}", "train.steps=1", "data.n_train=4")
         train(cfg, progress=False)
         assert asked[-1] is cpu
+    assert chosen == [torch.device("cuda", 1)]  # SAFEFT_DEVICE=cuda:1: training on that GPU, as eval
 
 
 def test_a_model_judge_loads_on_the_rule(monkeypatch, tiny_dir):
