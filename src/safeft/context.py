@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import random
+import zlib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,9 +219,13 @@ class RunContext:
         if self.processes == 1 or not values:
             return dict(values)
         keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        # a checksum of the key names rides along: processes that logged different terms must not be mixed
+        names = float(zlib.crc32("|".join(keys).encode()))
+        t = torch.tensor([float(values[k]) for k in keys] + [names], dtype=torch.float64, device=self.device)
         t = self.accelerator.reduce(t, reduction="sum") / self.processes
-        return dict(zip(keys, t.tolist(), strict=True))
+        if t[-1].item() != names:
+            raise RuntimeError(f"processes logged different loss terms or diagnostics this step (here: {keys})")
+        return dict(zip(keys, t[:-1].tolist(), strict=True))
 
     def micro_sync(self, last: bool) -> AbstractContextManager:
         """The context of one micro-batch: gradients are reduced across processes only on the ``last`` one.
