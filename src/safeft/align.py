@@ -21,7 +21,8 @@ import random
 from pathlib import Path
 
 from safeft import config as C
-from safeft import io, models
+from safeft import devices, io, models
+from safeft.context import barrier, is_main_process
 from safeft.data import refusals
 from safeft.data.splits import assert_no_leakage, assert_probes_held_out, safety_splits
 from safeft.data.types import Example
@@ -174,9 +175,10 @@ def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, forc
     if (model_dir / "config.json").exists() and not force:
         log.info("aligned model found in cache: %s", model_dir)
         return model_dir
-    base, tok = models.load(cfg.model.spec)
-    rows = alignment_examples(cfg, base, tok, progress)
-    io.write_jsonl(out / "alignment_data.jsonl", [dataclasses.asdict(r) for r in rows])
+    base, tok = models.load(cfg.model.spec, **devices.load_args(cfg.model))  # answers generated on the device
+    rows = alignment_examples(cfg, base, tok, progress)  # every process the same (greedy), none waits
+    if is_main_process():  # under accelerate launch only the main process writes
+        io.write_jsonl(out / "alignment_data.jsonl", [dataclasses.asdict(r) for r in rows])
     run_cfg = dataclasses.replace(
         cfg, train=cfg.align.train, data=C.DataConfig(task="safeft:alignment", max_length=256), run_id=None
     )
@@ -184,7 +186,9 @@ def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, forc
     res = train(
         run_cfg, examples=rows, model=base, tokenizer=tok, run_dir=out / "run", progress=progress, overwrite=force
     )
-    merged = models.merge_and_unload(res.model)
-    models.save_model(merged, tok, model_dir)
-    log.info("aligned model saved to %s", model_dir)
+    if is_main_process():
+        merged = models.merge_and_unload(res.model)
+        models.save_model(merged, tok, model_dir)
+        log.info("aligned model saved to %s", model_dir)
+    barrier()  # every process returns a complete model directory
     return model_dir

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def cmd_train(args) -> int:
     cfg = _load_cfg(args)
     _stage_note(cfg, "train")
     res = train(cfg, resume=not args.no_resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # print once, not once per process of a launch
+        return 0
     if res.finished_before:
         print(
             f"{res.run_dir}: finished already ({res.steps} steps, final loss {res.final_loss:.4f}); left as it is. "
@@ -95,7 +98,7 @@ def cmd_eval(args) -> int:
         return cmd_rescore(args)
     if args.judge:
         raise C.ConfigError("--judge goes with --rescore; to pick the judge used while generating, set eval.judge=NAME")
-    from safeft import models
+    from safeft import devices, models
     from safeft.data.domains import run_domain
     from safeft.eval.suites import evaluate
     from safeft.runs import checkpoints, load_run_model
@@ -115,7 +118,7 @@ def cmd_eval(args) -> int:
         domains = [d] if (d := run_domain(run_cfg)) else []
         model_id = {"checkpoint_step": step}
     else:
-        model, tok = models.load(args.target)
+        model, tok = models.load(args.target, **devices.load_args(cfg.model))
         out = Path(cfg.out_dir) / (cfg.run_id or f"eval-{Path(args.target).name}")
         domains = []
         model_id = {"spec": args.target}
@@ -409,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.DEBUG if args.verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) > 0:  # under accelerate launch one process speaks; the others warn
+        level = logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from safeft.data.types import DataError
     from safeft.eval.generate import GenerationError

@@ -50,6 +50,13 @@ class ModelConfig:
     # load a model directory whose weights are only pickles (pytorch_model.bin): unpickling runs whatever
     # code the file names, so only for files you trust. Off: such a directory is refused.
     allow_pickle: bool = False
+    # Memory levers (safeft.devices): weight storage dtype fp32 | bf16 | fp16 (LoRA adapters stay fp32);
+    # recompute blocks in the backward; sdpa | eager | flash_attention_2 (null = transformers' choice);
+    # QLoRA: a frozen NF4 base through bitsandbytes (CUDA only, pip install 'safeft[qlora]').
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    load_in_4bit: bool = False
 
 
 @dataclass

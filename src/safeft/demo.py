@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from safeft import config as C
-from safeft import io, models
+from safeft import devices, io, models
 from safeft.align import align
 from safeft.eval.records import rescore
 from safeft.eval.suites import evaluate, headline
@@ -75,10 +75,10 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     aligned_dir = align(cfg, progress=progress)
     timings["align"] = time.perf_counter() - t
 
-    base, tok = models.load(cfg.model.spec)
+    base, tok = models.load(cfg.model.spec, **devices.load_args(cfg.model))
     _eval("base", base, tok)
     del base
-    aligned, tok = models.load(str(aligned_dir))
+    aligned, tok = models.load(str(aligned_dir), **devices.load_args(cfg.model))
     _eval("aligned", aligned, tok)
     del aligned
 

@@ -132,7 +132,13 @@ class SpecFormat:
 SPEC_FORMATS: Registry[SpecFormat] = Registry("model directory format", plugins=("safeft.export",))
 
 
-def load(spec: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> tuple[nn.Module, object]:
+def load(
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = None,
+    **from_pretrained,
+) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from a hub id, directory, .gguf file, alias, PEFT adapter or safeft run.
 
     A run directory loads as the run's trained model (its newest checkpoint on its base model); a PEFT
@@ -143,14 +149,20 @@ def load(spec: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = Fal
     trained further), and the frozen reference of that fine-tuning run (``reference``) is the loaded model
     itself. The merge runs in fp32, before any cast to ``dtype``. Weights load from safetensors only unless
     ``allow_pickle`` (see ``refuse_pickle_weights``).
+
+    ``device``: where to put the model (``safeft.devices.place``; ``"auto"`` = the placement rule), None =
+    where ``from_pretrained`` leaves it. ``from_pretrained``: further keyword arguments for it, e.g. the
+    memory levers of ``safeft.devices.load_args(cfg.model)``, which also supplies ``dtype`` and ``device``
+    (a plain checkpoint only: adapter and run directories load their base in ``dtype``, then merge).
     """
     path = Path(spec).expanduser()
-    if path.is_dir():
-        for name in SPEC_FORMATS:
-            fmt = SPEC_FORMATS.get(name)
-            if fmt.matches(path):
-                return fmt.load(path, dtype)
-    return _load_plain(spec, dtype, allow_pickle)
+    fmt = next((f for f in map(SPEC_FORMATS.get, SPEC_FORMATS) if f.matches(path)), None) if path.is_dir() else None
+    model, tok = fmt.load(path, dtype) if fmt is not None else _load_plain(spec, dtype, allow_pickle, **from_pretrained)
+    if device is not None:
+        from safeft.devices import place
+
+        model = place(model, device)
+    return model, tok
 
 
 def _load_adapter(path: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
@@ -189,7 +201,9 @@ SPEC_FORMATS.register("peft_adapter", "a PEFT adapter directory: its base model 
 )
 
 
-def _load_plain(spec: str, dtype: torch.dtype, allow_pickle: bool = False) -> tuple[nn.Module, object]:
+def _load_plain(
+    spec: str, dtype: torch.dtype, allow_pickle: bool = False, **from_pretrained
+) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where = resolve(spec)
@@ -197,7 +211,8 @@ def _load_plain(spec: str, dtype: torch.dtype, allow_pickle: bool = False) -> tu
     try:
         tok = AutoTokenizer.from_pretrained(where)
         # use_safetensors=True: a hub repo with only pickled weights fails here instead of being unpickled
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=None if allow_pickle else True)
+        safe = None if allow_pickle else True
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=safe, **from_pretrained)
     except OSError as e:
         raise ModelError(f"cannot load model {spec!r} (resolved to {where!r}): {e}") from e
     prepare_tokenizer(tok)

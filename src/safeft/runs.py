@@ -9,7 +9,8 @@
     runs/<run-id>/checkpoints/step-N/   trainable.safetensors (adapter or full weights),
                                         trainer.safetensors + trainer.json (optimizer, scheduler, RNG, the
                                         defense's state: ``safeft.tensortree``, no pickle; the newest two
-                                        checkpoints only), state.json (step, data positions); complete once
+                                        checkpoints only), rng_ranks.* (every process's RNG under data
+                                        parallelism), state.json (step, data positions, process count); complete once
                                         state.json exists
     runs/<run-id>/train_summary.json    written when training ends
     runs/<run-id>/.lock                 held (flock) by the one process writing the run
@@ -42,11 +43,12 @@ import torch
 from torch import nn
 
 from safeft import config as C
-from safeft import io, models, tensortree
+from safeft import devices, io, models, tensortree
 
 log = logging.getLogger(__name__)
 
 TRAINER = "trainer"  # trainer.safetensors + trainer.json in a checkpoint
+RNG_RANKS = "rng_ranks"  # every process's RNG under data parallelism (rng_ranks.safetensors + .json)
 KEEP_TRAINER_STATE = 2  # newest checkpoints that keep optimizer state: the newest, and one to fall back on
 LOCK = ".lock"
 FINGERPRINT = "data_fingerprint.json"
@@ -100,25 +102,41 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    run_dir: Path, model: nn.Module, optimizer, scheduler, defense_state: dict[str, Any], state: dict[str, Any]
+    run_dir: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    defense_state: dict[str, Any],
+    state: dict[str, Any],
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint ``step-<state['step']>`` atomically; older ones keep only their weights.
 
     ``model`` is the unwrapped model; ``state`` the JSON part (step, data positions, flags). The trainer
     state goes through ``tensortree`` (safetensors + JSON), so loading a checkpoint never unpickles.
+    ``weights`` replaces ``trainable_state(model)`` (gathered from a sharded engine); ``optimizer=None``
+    writes weights and state only (no resume from it). ``rng_ranks``: every process's RNG under data
+    parallelism, so each resumes its own random stream (``rank_rng_state``).
     """
     from safetensors.torch import save_file
 
     final = Path(run_dir) / "checkpoints" / f"step-{state['step']:06d}"
-    trainer = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-        "defense": defense_state,
-    }
+    trainer = None
+    if optimizer is not None:
+        trainer = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "defense": defense_state,
+        }
     with io.atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        tensortree.save(trainer, tmp, TRAINER)
+        save_file(weights if weights is not None else trainable_state(model), str(tmp / "trainable.safetensors"))
+        if trainer is not None:
+            tensortree.save(trainer, tmp, TRAINER)
+        if rng_ranks is not None:
+            tensortree.save({"ranks": rng_ranks}, tmp, RNG_RANKS)
         io.write_json(tmp / "state.json", state, indent=None)
     # Resuming needs the optimizer state of one checkpoint; the newest two keep it, so a newest checkpoint
     # lost or damaged still leaves one to resume from. Older ones keep their weights for diagnosis (CKA
@@ -126,7 +144,19 @@ def save_checkpoint(
     for old in checkpoints(run_dir)[:-KEEP_TRAINER_STATE]:
         for name in (f"{TRAINER}.safetensors", f"{TRAINER}.json", "trainer.pt"):
             (old / name).unlink(missing_ok=True)
+        for name in (f"{RNG_RANKS}.safetensors", f"{RNG_RANKS}.json"):
+            (old / name).unlink(missing_ok=True)
     return final
+
+
+def rank_rng_state(ckpt: Path, rank: int) -> dict[str, Any] | None:
+    """Process ``rank``'s RNG state from a checkpoint written under data parallelism (None otherwise)."""
+    if not tensortree.exists(Path(ckpt), RNG_RANKS):
+        return None
+    states = tensortree.load(Path(ckpt), RNG_RANKS)["ranks"]
+    if rank >= len(states):
+        raise RuntimeError(f"{ckpt} holds the RNG of {len(states)} processes; this is process {rank}")
+    return states[rank]
 
 
 def has_trainer_state(ckpt: Path) -> bool:
@@ -483,7 +513,7 @@ def load_run_model(run_dir: Path, step: int | None = None) -> tuple[nn.Module, A
     if not done:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint")
     ckpt = done[-1] if step is None else run_dir / "checkpoints" / f"step-{step:06d}"
-    model, tok = models.load(cfg.model.spec, allow_pickle=cfg.model.allow_pickle)
+    model, tok = models.load(cfg.model.spec, allow_pickle=cfg.model.allow_pickle, **devices.load_args(cfg.model))
     if cfg.data is not None:  # prompts render as they did in training
         from safeft.data.chat import use_chat_template
 

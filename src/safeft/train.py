@@ -16,6 +16,7 @@ before anything non-finite is saved (``TrainingDiverged``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -29,9 +30,19 @@ import torch
 from torch import nn
 
 from safeft import config as C
-from safeft import io, models, runs, validate
+from safeft import devices, io, models, runs, validate
 from safeft import precision as P
-from safeft.context import RunContext, Stream, make_accelerator
+from safeft.context import (
+    RunContext,
+    Stream,
+    broadcast,
+    check_same_on_every_process,
+    check_supported,
+    gather,
+    make_accelerator,
+    run_features,
+    shards_parameters,
+)
 from safeft.data.chat import render, render_task, use_chat_template
 from safeft.data.types import Example
 from safeft.runs import (
@@ -41,6 +52,7 @@ from safeft.runs import (
     load_run_model,
     load_trainable,
     make_run_dir,
+    rank_rng_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -168,17 +180,43 @@ def train(
     """
     # (a) Every check of the inputs runs before anything is written or loaded; `safeft validate` runs the same.
     checked = validate.check(cfg, examples=examples, model=model, tokenizer=tokenizer, aux=aux)
-    run_dir = Path(run_dir) if run_dir else make_run_dir(cfg)
-    # (b) One directory, one run: hold its lock, then start fresh, resume, or report it finished.
+    # The accelerator comes before the run directory: under data parallelism it says which process writes
+    # (the main one; the others wait at barriers), and it knows the engine, which a defense may be unable
+    # to run under (refused here, before anything is written).
+    accelerator = make_accelerator(P.pick(cfg.train.precision))
+    check_supported(checked.defense, run_features(accelerator, cfg))
+    if (ds := getattr(accelerator.state, "deepspeed_plugin", None)) is not None:
+        # no dataloader is prepared, so DeepSpeed's per-device batch cannot be inferred ("auto"); the loop
+        # accumulates itself (ctx.micro_sync marks the boundary), so DeepSpeed's own accumulation stays 1
+        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    devices.check_levers(cfg.model)
+    run_dir = broadcast(accelerator, Path(run_dir) if run_dir else make_run_dir(cfg))  # a time-stamped id: main's
+    _check_engine(accelerator, cfg, run_dir, resume)
+    # (b) One directory, one run: the main process holds its lock and decides fresh / resume / finished;
+    # the others follow its decision (and read the same checkpoint) once it has made it.
+    main = accelerator.is_main_process
     created = not run_dir.exists()
     try:
-        with runs.lock(run_dir):
-            mode, point = runs.open_run(run_dir, cfg, checked.fingerprint, resume=resume, overwrite=overwrite)
+        with runs.lock(run_dir) if main else contextlib.nullcontext():
+            decision: tuple[str, str | None] | Exception | None = None
+            point = None
+            if main:
+                try:
+                    mode, point = runs.open_run(run_dir, cfg, checked.fingerprint, resume=resume, overwrite=overwrite)
+                    decision = (mode, str(point[0]) if point else None)
+                except Exception as e:  # every process must hear of it, or the others wait forever
+                    decision = e
+            decision = broadcast(accelerator, decision)
+            if isinstance(decision, Exception):
+                raise decision
+            mode, ckpt = decision
+            if not main and ckpt is not None:
+                point = (Path(ckpt), json.loads((Path(ckpt) / "state.json").read_text()), runs.read_trainer_state(ckpt))
             if mode == "finished":
                 return _finished(cfg, run_dir, model, tokenizer)
-            return _train(cfg, checked, model, tokenizer, run_dir, point, interrupt_after, progress)
+            return _train(cfg, checked, accelerator, model, tokenizer, run_dir, point, interrupt_after, progress)
     finally:
-        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        if main and created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # refused or failed before writing: no empty directory left behind
 
 
@@ -216,6 +254,7 @@ def _diverged(ctx: RunContext, what: str, terms: dict[str, float]) -> TrainingDi
 def _train(
     cfg: C.RunConfig,
     checked: validate.Checked,
+    accelerator,
     model: nn.Module | None,
     tokenizer: Any,
     run_dir: Path,
@@ -225,8 +264,15 @@ def _train(
 ) -> TrainResult:
     tc = cfg.train
     defense, examples, aux = checked.defense, checked.examples, checked.aux
+    # Straight onto this process's device, except under engines that shard the weights as they wrap them.
+    here = None if shards_parameters(accelerator) else accelerator.device
     if model is None:
-        model, tokenizer = models.load(cfg.model.spec, allow_pickle=cfg.model.allow_pickle)
+        model, tokenizer = models.load(
+            cfg.model.spec, allow_pickle=cfg.model.allow_pickle, **devices.load_args(cfg.model, here)
+        )
+    model = devices.apply_levers(model, cfg.model, training=True)
+    if here is not None:  # a model handed in (tests, align, the demo) sits on the CPU
+        model = devices.place(model, here)
     if cfg.data is not None:
         use_chat_template(tokenizer, cfg.data.chat_template)
         # rows cut at max_length are counted and logged (validate.check refused too many already)
@@ -235,9 +281,10 @@ def _train(
         )
     else:
         rows, rendered = [render(tokenizer, ex, cfg.model.system_prompt) for ex in examples], None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    C.save(cfg, run_dir / "config.yaml")
-    runs.record_fingerprint(run_dir, *checked.fingerprint, cfg.data.task if cfg.data else None)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        C.save(cfg, run_dir / "config.yaml")
+        runs.record_fingerprint(run_dir, *checked.fingerprint, cfg.data.task if cfg.data else None)
     _seed_all(tc.seed)
     model = models.attach_lora(model, cfg.model.lora)
     if "reference" in defense.needs:
@@ -245,7 +292,6 @@ def _train(
     model.train()
 
     precision = P.pick(tc.precision)
-    accelerator = make_accelerator(precision)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters: check model.lora")
@@ -254,19 +300,48 @@ def _train(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     ctx = RunContext(accelerator, model, tokenizer, cfg, run_dir, aux=aux, task_rows=rows)
-    task = Stream(rows, tc.batch_size, tc.seed, "task")
+    # Each process takes its slice of every global batch (Stream); the position is global, so one integer.
+    task = Stream(rows, tc.batch_size, tc.seed, "task", rank=ctx.rank, processes=ctx.processes)
     post_hoc_done = False  # after_train has run and its result is in the final checkpoint
+    global_batch = tc.batch_size * ctx.processes * tc.grad_accum
+    log.info(
+        "global batch %d rows per optimizer step = %d per device x %d processes x %d accumulation",
+        global_batch,
+        tc.batch_size,
+        ctx.processes,
+        tc.grad_accum,
+    )
 
-    def save() -> Path:
+    def save() -> Path | None:
+        """Every process calls it (the gathers are collective); the main process writes, the others wait."""
         state = {"step": ctx.step, "task_pos": task.pos, "streams": {n: s.pos for n, s in ctx.streams.items()}}
-        return save_checkpoint(
-            ctx.run_dir,
-            ctx.unwrapped,
-            optimizer,
-            scheduler,
-            defense.state_dict(),
-            {**state, "post_hoc_done": post_hoc_done},
-        )
+        state["processes"] = ctx.processes
+        sharded = shards_parameters(accelerator)
+        weights = _gathered_trainable(accelerator, ctx) if sharded else None
+        if not sharded:  # a replica that drifted (a gradient written outside DDP's all-reduce) stops the run here
+            check_same_on_every_process(ctx, "the trainable weights", models.trainable_parameters(ctx.unwrapped))
+        check_same_on_every_process(ctx, f"defense {cfg.defense.name!r}'s state", defense)
+        rngs = gather(accelerator, rng_state()) if ctx.processes > 1 else None
+        path = None
+        if ctx.is_main:
+            path = save_checkpoint(
+                ctx.run_dir,
+                ctx.unwrapped,
+                None if sharded else optimizer,  # sharded optimizer state: weights-only checkpoints
+                scheduler,
+                defense.state_dict(),
+                {**state, "post_hoc_done": post_hoc_done},
+                weights=weights,
+                rng_ranks=rngs,
+            )
+        accelerator.wait_for_everyone()  # nobody runs ahead of (or resumes from) a half-written checkpoint
+        return path
+
+    def run_asr() -> dict[str, Any] | None:
+        """The periodic ASR, generated and written by the main process while the others wait."""
+        res = asr.run(ctx) if ctx.is_main else None
+        accelerator.wait_for_everyone()
+        return res
 
     metrics_path = run_dir / "metrics.jsonl"
     asr = PeriodicASR(cfg, run_dir)
@@ -277,13 +352,13 @@ def _train(
         defense.load_state_dict(defense_state)
         ctx.step, task.pos, ctx.resume_streams = state["step"], state["task_pos"], state["streams"]
         post_hoc_done = state.get("post_hoc_done", False)
-        for path in (metrics_path, asr.path):
+        for path in (metrics_path, asr.path) if ctx.is_main else ():
             truncate_log(path, ctx.step)
         # a run resumed at its last step trains nothing more; its summary keeps the loss it logged
         resumed_loss = next((r["loss"] for r in reversed(runs.read_log(metrics_path)) if "loss" in r), resumed_loss)
         log.info("resuming %s from step %d", run_dir, ctx.step)
     else:
-        for path in (metrics_path, asr.path):
+        for path in (metrics_path, asr.path) if ctx.is_main else ():
             path.unlink(missing_ok=True)
 
     setup_passes = dict(ctx.passes)
@@ -294,16 +369,21 @@ def _train(
     set_rng_state(rng)
     ctx.restore_streams()
     setup_cost = {k: ctx.passes[k] - setup_passes[k] for k in ctx.passes}
+    # Every process computed the defense's caches itself from the same weights and data: check they agree.
+    check_same_on_every_process(ctx, f"defense {cfg.defense.name!r}'s caches after setup", defense)
+    _own_random_stream(ctx, point[0] if point is not None else None)
 
     history: list[dict[str, Any]] = []
     last_loss = resumed_loss
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=tc.steps, initial=ctx.step, desc=f"train {cfg.defense.name}", disable=not progress)
+    bar = tqdm(
+        total=tc.steps, initial=ctx.step, desc=f"train {cfg.defense.name}", disable=not progress or not ctx.is_main
+    )
     try:
         if ctx.step == 0 and asr.due(0):  # the starting point of the ASR curve (the aligned model)
-            asr.run(ctx)
-        with io.AppendLog(metrics_path) as mf:
+            run_asr()
+        with io.AppendLog(metrics_path) if ctx.is_main else contextlib.nullcontext() as mf:
             while ctx.step < tc.steps:
                 t0 = time.perf_counter()
                 ctx.passes = {"forward": 0, "backward": 0}
@@ -314,18 +394,24 @@ def _train(
                 for ctx.micro in range(tc.grad_accum):
                     batch = ctx.batch(task.next())
                     tokens += int((batch["labels"] != -100).sum())
-                    out = defense.step(ctx, batch)
+                    with ctx.micro_sync(ctx.last_micro):
+                        out = defense.step(ctx, batch)
                     total += float(out.loss) / tc.grad_accum
                     for k, v in out.terms.items():
                         sums[k] = sums.get(k, 0.0) + float(v) / tc.grad_accum
                     diags.update(out.diagnostics)  # the last micro-batch's values
+                # One number per step for the global batch (means over processes; tokens and positions summed),
+                # the same on every process, so a non-finite loss stops them all together.
+                total, sums, diags, tokens, positions, passes = _reduce_step(ctx, total, sums, diags, tokens)
                 if not np.isfinite(total):  # (c) before the update: a NaN must never reach the weights
                     raise _diverged(ctx, f"the loss is {total}", sums)
                 row: dict[str, Any] = {"step": ctx.step + 1, "lr": scheduler.get_last_lr()[0], "loss": total}
                 if tc.max_grad_norm is not None:
-                    row["grad_norm"] = float(accelerator.clip_grad_norm_(params, tc.max_grad_norm))
-                    if not np.isfinite(row["grad_norm"]):  # (c)
-                        raise _diverged(ctx, f"the gradient norm is {row['grad_norm']}", sums)
+                    norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                    if norm is not None:  # DeepSpeed clips inside its engine and may not report it
+                        row["grad_norm"] = float(norm)
+                        if not np.isfinite(row["grad_norm"]):  # (c)
+                            raise _diverged(ctx, f"the gradient norm is {row['grad_norm']}", sums)
                 optimizer.step()
                 if (bad := _first_nonfinite(ctx.unwrapped)) is not None:  # (c) a finite loss, a too-large step
                     raise _diverged(ctx, f"the update made {bad} non-finite", sums)
@@ -334,15 +420,15 @@ def _train(
                 ctx.step += 1
                 row.update({f"loss/{k}": v for k, v in sums.items()})
                 row.update({f"diag/{k}": v for k, v in diags.items()})
-                row.update({f"passes/{k}": v for k, v in ctx.passes.items()})
+                row.update({f"passes/{k}": v for k, v in passes.items()})
                 row["tokens"] = tokens
-                row["positions"] = ctx.positions
+                row["positions"] = positions
                 row["time/step_s"] = time.perf_counter() - t0
-                if asr.due(ctx.step):
-                    row["eval/asr"] = asr.run(ctx)["asr"]
+                if asr.due(ctx.step) and (res := run_asr()) is not None:
+                    row["eval/asr"] = res["asr"]
                 last_loss = total
                 history.append(row)
-                if ctx.step % tc.log_every == 0 or ctx.step == tc.steps or "eval/asr" in row:
+                if mf is not None and (ctx.step % tc.log_every == 0 or ctx.step == tc.steps or "eval/asr" in row):
                     mf.write(json.dumps(row) + "\n")
                     mf.flush()
                 bar.update(1)
@@ -374,9 +460,83 @@ def _train(
         "setup_passes": setup_cost,
         "reference_extra_bytes": models.reference_extra_bytes(unwrapped),
         "trainable_params": sum(p.numel() for p in params),
+        "processes": ctx.processes,
+        "global_batch": global_batch,
     }
-    io.write_json(run_dir / "train_summary.json", summary)
+    if ctx.is_main:
+        io.write_json(run_dir / "train_summary.json", summary)
+    accelerator.wait_for_everyone()  # train() returns once the run directory is complete, on every process
     return TrainResult(run_dir, unwrapped, tokenizer, ctx.step, last_loss, history)
+
+
+# ----------------------------------------------------------------------------- data parallelism
+
+
+def _check_engine(accelerator, cfg: C.RunConfig, run_dir: Path, resume: bool) -> None:
+    """What this loop cannot do under a parameter-sharding engine, refused before anything is written. (A
+    weights-only checkpoint met without such an engine is refused by ``runs.resume_point``.)"""
+    newest = checkpoints(run_dir)[-1:] if resume else []
+    if shards_parameters(accelerator):
+        if cfg.train.eval_every > 0:
+            raise C.ConfigError(
+                "train.eval_every generates with the whole model on the main process, which FSDP/DeepSpeed keep "
+                "sharded; set train.eval_every=0 and evaluate the checkpoints with `safeft eval`"
+            )
+        if newest:
+            raise C.ConfigError(
+                f"{run_dir} has checkpoints; resuming under FSDP/DeepSpeed is not supported (their optimizer state is "
+                "sharded and safeft checkpoints hold the full trainable weights only): start a new run_id"
+            )
+
+
+def _gathered_trainable(accelerator, ctx: RunContext) -> dict[str, torch.Tensor]:
+    """The full trainable tensors from a sharded engine, on the main process (collective: all call it)."""
+    # FSDP names nested units' parameters with this infix; its full state dict does not.
+    names = {n.replace("_fsdp_wrapped_module.", "") for n, p in ctx.unwrapped.named_parameters() if p.requires_grad}
+    full = accelerator.get_state_dict(ctx.model)
+    if not ctx.is_main:
+        return {}
+    return {n: t.detach().cpu().clone() for n, t in full.items() if n in names}
+
+
+def _own_random_stream(ctx: RunContext, resumed_from: Path | None) -> None:
+    """From here on each process draws its own random numbers (dropout masks, PGD starts): identical draws
+    would correlate what should be independent samples across the global batch. Setup ran before this, on
+    the same RNG everywhere, so the defenses' caches agree. Process 0 keeps the stream a single-process run
+    has; a resumed run restores each process's own state from the checkpoint."""
+    saved = None
+    if resumed_from is not None:
+        saved = json.loads((resumed_from / "state.json").read_text()).get("processes", 1)
+        if saved != ctx.processes:
+            log.warning(
+                "%s was written by %d processes and resumes with %d: the global batch changes from here on, "
+                "so the run is no longer the one an uninterrupted run would be",
+                resumed_from,
+                saved,
+                ctx.processes,
+            )
+    own = rank_rng_state(resumed_from, ctx.rank) if saved == ctx.processes and ctx.processes > 1 else None
+    if own is not None:
+        set_rng_state(own)
+    elif ctx.rank > 0:
+        _seed_all(random.Random(f"safeft-{ctx.cfg.train.seed}-process-{ctx.rank}").getrandbits(32))
+
+
+def _reduce_step(
+    ctx: RunContext, total: float, sums: dict[str, float], diags: dict[str, float], tokens: int
+) -> tuple[float, dict[str, float], dict[str, float], int, int, dict[str, int]]:
+    """(loss, terms, diagnostics, tokens, positions, passes) of the global batch: means over processes of
+    the per-process values (each already a mean over its micro-batches); token, position and pass counts
+    summed, so a step's cost reads the same whether its micro-batches ran in one process or in several."""
+    packed = {"total": total, "tokens": tokens, "positions": ctx.positions}
+    packed |= {f"p/{k}": v for k, v in ctx.passes.items()}
+    packed |= {f"t/{k}": v for k, v in sums.items()} | {f"d/{k}": v for k, v in diags.items()}
+    red = ctx.reduce_mean(packed)
+    n = ctx.processes
+    terms = {k: red[f"t/{k}"] for k in sums}
+    diag = {k: red[f"d/{k}"] for k in diags}
+    passes = {k: round(red[f"p/{k}"] * n) for k in ctx.passes}
+    return red["total"], terms, diag, round(red["tokens"] * n), round(red["positions"] * n), passes
 
 
 class TrainingInterrupted(RuntimeError):

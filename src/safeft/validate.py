@@ -488,6 +488,21 @@ class Checked:
     fingerprint: tuple[str, int]  # hash of the task rows and their number (safeft.runs.fingerprint)
 
 
+def _check_run_settings(cfg: C.RunConfig, defense) -> None:
+    """The memory levers, and what the defense says it cannot run under, as far as the config and the launch
+    environment tell before an accelerator exists (train checks the engine itself again once it has one)."""
+    import os
+
+    from safeft import devices
+    from safeft.context import check_supported
+
+    devices.check_levers(cfg.model)
+    features = ["gradient_checkpointing"] if cfg.model.gradient_checkpointing else []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        features.append("processes")
+    check_supported(defense, features)
+
+
 def check(
     cfg: C.RunConfig,
     *,
@@ -503,6 +518,7 @@ def check(
 
     check_values(cfg)
     defense = methods.build(cfg.defense)
+    _check_run_settings(cfg, defense)
     info = inspect_model(cfg.model, model, tokenizer)
     check_model_fit(cfg, info)
     rows = load_task_examples(cfg, examples)

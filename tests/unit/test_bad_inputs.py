@@ -236,7 +236,7 @@ INPUTS = [
     I("empty csv", "data.task=csv:{empty_csv}", expect=("empty.csv", "empty file")),
     I("non-UTF-8 byte, jsonl", "data.task=jsonl:{badutf8_jsonl}", expect=("badutf8.jsonl, line 3", "UTF-8", "0xe9")),
     I("non-UTF-8 byte, csv", "data.task=csv:{badutf8_csv}", expect=("badutf8.csv, line 4", "UTF-8", "0xff")),
-    I("empty response", "data.task=jsonl:{emptyresp_jsonl}", expect=("emptyresp.jsonl, line 2", "'response': empty response")),
+    I("empty response", "data.task=jsonl:{emptyresp_jsonl}", expect=("emptyresp.jsonl, line 2", "empty response")),
     I("malformed JSON", "data.task=jsonl:{malformed_jsonl}", expect=("malformed.jsonl, line 2", "malformed JSON")),
     I("row without response", "data.task=jsonl:{noresp_jsonl}", expect=("noresp.jsonl", "no response")),
     I("duplicate id", "data.task=jsonl:{dupid_jsonl}", expect=("dupid.jsonl, line 2", "duplicate id")),

@@ -58,10 +58,10 @@ def test_the_loop_trains_on_the_mixed_set(tmp_path, tiny, monkeypatch):
     seen = []
     real = T.Stream.__init__
 
-    def spy(self, rows, batch_size, seed, name="task"):
+    def spy(self, rows, batch_size, seed, name="task", **shard):
         if name == "task":
             seen.append([r.id for r in rows])
-        real(self, rows, batch_size, seed, name)
+        real(self, rows, batch_size, seed, name, **shard)
 
     monkeypatch.setattr(T.Stream, "__init__", spy)
     model, tok = tiny

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from safeft import config as C
-from safeft import io, models
+from safeft import devices, io, models
 from safeft.data.chat import Rendered, collate, last_prompt_index, render
 from safeft.data.types import Example
 from safeft.diagnose.cka import StreamingCKA, linear_cka
@@ -231,10 +231,10 @@ def open_run(run_dir: Path) -> RunModels:
     if not (run_dir / "config.yaml").exists():
         raise C.ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = C.load(run_dir / "config.yaml")
-    model, tok = models.load(cfg.model.spec)
+    model, tok = models.load(cfg.model.spec, **devices.load_args(cfg.model))
     ref = None
     if not cfg.model.lora.enabled:
-        ref, _ = models.load(cfg.model.spec)
+        ref, _ = models.load(cfg.model.spec, **devices.load_args(cfg.model))
         ref.eval()
     model = models.attach_lora(model, cfg.model.lora)
     return RunModels(cfg, model, tok, ref)

@@ -250,33 +250,144 @@ def _generate_vllm(model, tok, prompts: list[str], settings: GenSettings) -> lis
     """Generation with vLLM (paged attention, continuous batching): much faster on a GPU, CUDA only.
 
     The prompts are passed as the same token ids the hf backend would use, so both backends see identical
-    inputs. A loaded model (e.g. a LoRA run) is merged and written to a temporary directory first, since
-    vLLM loads weights from disk. Not exercised by the CPU test suite beyond the guard below.
+    inputs. One engine per process serves every suite (``_VLLM``): a LoRA model is its base model's engine
+    plus its adapter, written once and served through vLLM's ``LoRARequest``, so evaluating several runs
+    of one base model loads the base once. A model without an adapter that is not a path (e.g. after full
+    fine-tuning) is written out once per weights and loaded as its own engine.
     """
     vllm = _require_vllm()
     prec = P.pick(settings.precision)
-    with tempfile.TemporaryDirectory(prefix="safeft-vllm-") as tmp:
-        path = Path(model) if isinstance(model, str | Path) else _export(model, tok, Path(tmp))
-        llm = vllm.LLM(
-            model=str(path), dtype="bfloat16" if prec == "bf16" else "float32", seed=settings.seed, enforce_eager=False
-        )
-        stop = _stop_ids(tok)
-        params = vllm.SamplingParams(
-            max_tokens=settings.max_new_tokens,
-            temperature=settings.temperature if settings.do_sample else 0.0,  # 0 = greedy in vLLM
-            top_p=settings.top_p if settings.do_sample else 1.0,
-            top_k=(settings.top_k or -1) if settings.do_sample else -1,
-            seed=settings.seed,
-            stop_token_ids=stop,
-        )
-        inputs = [{"prompt_token_ids": prompt_ids(tok, p, settings.system_prompt)} for p in prompts]
-        outs = llm.generate(inputs, params)
+    llm, lora = _VLLM.engine_for(vllm, model, tok, "bfloat16" if prec == "bf16" else "float32", settings.seed)
+    params = vllm.SamplingParams(
+        max_tokens=settings.max_new_tokens,
+        temperature=settings.temperature if settings.do_sample else 0.0,  # 0 = greedy in vLLM
+        top_p=settings.top_p if settings.do_sample else 1.0,
+        top_k=(settings.top_k or -1) if settings.do_sample else -1,
+        seed=settings.seed,
+        stop_token_ids=_stop_ids(tok),
+    )
+    inputs = [{"prompt_token_ids": prompt_ids(tok, p, settings.system_prompt)} for p in prompts]
+    outs = llm.generate(inputs, params, lora_request=lora)
     res = []
     for o in outs:
         c = o.outputs[0]
         finish = "stop" if c.finish_reason == "stop" else "length"
         res.append(Generation(tok.decode(c.token_ids, skip_special_tokens=True).strip(), len(c.token_ids), finish))
     return res
+
+
+# vLLM takes LoRA ranks from this set; an engine is sized for the largest rank it will serve.
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _weights_key(module: nn.Module, only: str = "") -> str:
+    """A content key of a module's weights (names, shapes, fp64 sums) whose names contain ``only``: cheap
+    next to generation, and it changes when training changes them, so an export is never served for others."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if only not in name:
+                continue
+            f = p.detach().double()
+            h.update(f"{name}{tuple(p.shape)}{float(f.sum())!r}{float(f.square().sum())!r}".encode())
+    return h.hexdigest()[:16]
+
+
+class _VLLMCache:
+    """The process's one vLLM engine and the exports it serves.
+
+    One engine at a time: an engine reserves most of the GPU's memory, so a second base model replaces
+    the first. The key is (model source, dtype, seed, LoRA rank the engine is sized for). Adapters are
+    written once per content key into a directory that lives as long as the process.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.engine = None
+        self.exports: dict[str, Path] = {}  # content key -> directory written
+        self.lora_ids: dict[Path, int] = {}
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def _dir(self, key: str) -> tuple[Path, bool]:
+        """(the export directory for ``key``, whether it already exists)."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="safeft-vllm-")
+        out = Path(self._tmp.name) / key
+        return out, key in self.exports
+
+    def source(self, model, tok) -> tuple[str, Path | None, int]:
+        """(what vLLM loads as the engine's model, the adapter directory or None, the adapter's rank)."""
+        if isinstance(model, str | Path):
+            return str(model), None, 0
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            base = model.get_base_model()
+            where = getattr(base.config, "_name_or_path", "") or getattr(base, "name_or_path", "")
+            if not where:
+                raise GenerationError("vllm: the LoRA model does not say which base model it was loaded from")
+            # The base stays as loaded (LoRA training freezes it; Safe LoRA rewrites B only): vLLM reads it
+            # from where it was loaded, and only the adapter is written.
+            key = "lora-" + _weights_key(model, only="lora_")
+            out, done = self._dir(key)
+            if not done:
+                model.save_pretrained(out)  # the adapter only (adapter_config.json + weights)
+                self.exports[key] = out
+                log.info("vllm: wrote the LoRA adapter to %s", out)
+            rank = max(int(c.r) for c in model.peft_config.values())
+            return str(where), out, rank
+        key = "full-" + _weights_key(model)
+        out, done = self._dir(key)
+        if not done:
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            self.exports[key] = out
+            log.info("vllm: wrote the model to %s (once per weights)", out)
+        return str(out), None, 0
+
+    def engine_for(self, vllm, model, tok, dtype: str, seed: int):
+        """(the engine, the LoRARequest for the model's adapter or None), building the engine if needed."""
+        path, adapter, rank = self.source(model, tok)
+        lora_rank = next((r for r in _VLLM_LORA_RANKS if r >= rank), None) if rank else 0
+        if rank and lora_rank is None:
+            raise GenerationError(f"vllm serves LoRA ranks up to {_VLLM_LORA_RANKS[-1]}; this adapter has r={rank}")
+        key = (path, dtype, seed, lora_rank)
+        if self.key != key:
+            self.release_engine()
+            kw: dict = {"model": path, "dtype": dtype, "seed": seed}
+            if lora_rank:
+                kw.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
+            if torch.cuda.is_available():
+                # the caller's own model may sit on the GPU too: take only part of what is free now
+                free, total = torch.cuda.mem_get_info()
+                kw["gpu_memory_utilization"] = round(0.85 * free / total, 3)
+            log.info("vllm: starting an engine for %s (%s, LoRA rank %s)", path, dtype, lora_rank or "none")
+            self.engine, self.key = vllm.LLM(**kw), key
+        if adapter is None:
+            return self.engine, None
+        from importlib import import_module
+
+        lora_request = import_module("vllm.lora.request").LoRARequest
+        ident = self.lora_ids.setdefault(adapter, len(self.lora_ids) + 1)  # vLLM wants ids >= 1
+        return self.engine, lora_request(f"safeft-{ident}", ident, str(adapter))
+
+    def release_engine(self) -> None:
+        if self.engine is not None:
+            self.engine, self.key = None, None
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+_VLLM = _VLLMCache()
+
+
+def release_vllm() -> None:
+    """Free the process's vLLM engine (its GPU memory) and the adapters and models it wrote."""
+    _VLLM.release_engine()
+    if _VLLM._tmp is not None:
+        _VLLM._tmp.cleanup()
+    _VLLM.__init__()
 
 
 def _require_vllm():
@@ -292,14 +403,3 @@ def _require_vllm():
             "generation backend 'vllm' needs a CUDA GPU and none is visible here; use eval.backend=hf on CPU."
         )
     return vllm
-
-
-def _export(model: nn.Module, tok, out: Path) -> Path:
-    """Write ``model`` (LoRA adapters merged into a copy) and ``tok`` as an ordinary HF checkpoint."""
-    m = copy.deepcopy(model)
-    if hasattr(m, "merge_and_unload"):
-        m = m.merge_and_unload()
-    m.save_pretrained(out)
-    tok.save_pretrained(out)
-    log.info("vllm: exported the model to %s", out)
-    return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from safeft.devices import default_device
 from safeft.eval.judges import JUDGES, JudgeError, Verdict, _check_lengths
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class ModelJudge:
 
     name: str = ""
     model: str = ""  # HF id or local directory
-    device: str = "auto"  # auto = cuda if available, else cpu
+    device: str = "auto"  # auto = the placement rule (safeft.devices.default_device: SAFEFT_DEVICE, cuda, cpu)
     dtype: str = "auto"  # auto = bf16 on cuda, fp32 on cpu | fp32 | bf16 | fp16
     batch_size: int = 8
     _model: Any = field(default=None, init=False, repr=False)
@@ -96,7 +97,7 @@ class ModelJudge:
             import torch
             import transformers
 
-            device = self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            device = self.device if self.device != "auto" else str(default_device())
             dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
             if self.dtype != "auto" and self.dtype not in dtypes:
                 raise JudgeError(f"judge {self.name!r}: dtype={self.dtype!r}; use auto, fp32, bf16 or fp16")

@@ -57,6 +57,10 @@ class Defense:
     stage: ClassVar[str]  # "align" | "finetune" | "post"
     needs: ClassVar[tuple[str, ...]] = ()  # aux data / services: "reference", "harmful_prompts", ...
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
+    # Run settings this method cannot honour, each with the reason. The loop refuses them at start-up,
+    # naming the method and the reason (``safeft.context.check_supported``; keys ``context.FEATURES``:
+    # "processes", "fsdp", "deepspeed", "gradient_checkpointing"); docs/scale.md has the table.
+    unsupported: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: DefenseConfig) -> None:
         self.cfg = cfg

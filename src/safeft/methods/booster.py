@@ -81,6 +81,20 @@ class Booster(Defense):
     needs = ("contrastive",)
     Config = BoosterConfig
     cfg: BoosterConfig
+    unsupported = {  # refused at start-up (docs/scale.md)
+        "processes": (
+            "adds lam*(g_h - g_h') to .grad after the backward, outside DDP's gradient all-reduce: each process "
+            "would add its own term and the replicas would drift apart"
+        ),
+        "fsdp": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the harmful step shifts the weights in place)"
+        ),
+        "deepspeed": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the harmful step shifts the weights in place)"
+        ),
+    }
 
     def __init__(self, cfg: BoosterConfig) -> None:
         super().__init__(cfg)

@@ -125,6 +125,16 @@ class EWC(Defense):
     needs = ("alignment",)
     Config = EWCConfig
     cfg: EWCConfig
+    unsupported = {  # refused at start-up (docs/scale.md)
+        "fsdp": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the Fisher-weighted distance to the aligned point)"
+        ),
+        "deepspeed": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the Fisher-weighted distance to the aligned point)"
+        ),
+    }
 
     def __init__(self, cfg: EWCConfig) -> None:
         super().__init__(cfg)

@@ -93,6 +93,16 @@ class Lisa(Defense):
     needs = ("alignment",)
     Config = LisaConfig
     cfg: LisaConfig
+    unsupported = {  # refused at start-up (docs/scale.md)
+        "fsdp": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the proximal term and its snapshots)"
+        ),
+        "deepspeed": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the proximal term and its snapshots)"
+        ),
+    }
 
     def __init__(self, cfg: LisaConfig) -> None:
         super().__init__(cfg)

@@ -179,6 +179,12 @@ class RepNoise(Defense):
     needs = ("contrastive",)
     Config = RepNoiseConfig
     cfg: RepNoiseConfig
+    unsupported = {  # refused at start-up (docs/scale.md)
+        "deepspeed": (
+            "runs more than one backward per micro-batch, and accelerate's DeepSpeed engine steps the optimizer "
+            "inside the backward that ends an accumulation"
+        ),
+    }
 
     def __init__(self, cfg: RepNoiseConfig) -> None:
         super().__init__(cfg)

@@ -142,6 +142,16 @@ class SafeLoRA(Defense):
     needs = ()
     Config = SafeLoRAConfig
     cfg: SafeLoRAConfig
+    unsupported = {  # refused at start-up (docs/scale.md)
+        "fsdp": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the post-hoc projection of every LoRA B)"
+        ),
+        "deepspeed": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the post-hoc projection of every LoRA B)"
+        ),
+    }
 
     def __init__(self, cfg: SafeLoRAConfig) -> None:
         super().__init__(cfg)

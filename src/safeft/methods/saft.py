@@ -293,6 +293,17 @@ class SAFT(Defense):
     stage = "finetune"
     needs = ("reference", "harmful_prompts")
     Config = SAFTConfig
+    unsupported = {  # refused at start-up (docs/scale.md)
+        "fsdp": (
+            "embeds the anchors with the input embedding outside the model's forward to add the PGD perturbation,"
+            " and FSDP keeps that weight sharded there"
+        ),
+        "deepspeed": (
+            "runs more than one backward per micro-batch, and accelerate's DeepSpeed engine steps the optimizer "
+            "inside the backward that ends an accumulation; its PGD takes auxiliary gradients with "
+            "torch.autograd.grad through the model, outside the engine's backward hooks"
+        ),
+    }
 
     def __init__(self, cfg: SAFTConfig) -> None:
         super().__init__(cfg)

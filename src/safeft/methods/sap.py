@@ -191,6 +191,20 @@ class SAP(Defense):
     needs = ("contrastive",)
     Config = SAPConfig
     cfg: SAPConfig
+    unsupported = {  # refused at start-up (docs/scale.md)
+        "processes": (
+            "its probe V and V's AdamW live outside the model, so DDP averages the weights' gradient but not V's:"
+            " each process would fit its own probe on its own slice of the batch"
+        ),
+        "fsdp": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the harmful shift W + dW)"
+        ),
+        "deepspeed": (
+            "reads or writes trainable parameters whole outside the model's forward, which FSDP and DeepSpeed "
+            "ZeRO-3 keep sharded there (the harmful shift W + dW)"
+        ),
+    }
 
     def __init__(self, cfg: SAPConfig) -> None:
         super().__init__(cfg)

@@ -123,6 +123,21 @@ class Vaccine(Defense):
     needs = ()
     Config = VaccineConfig
     cfg: VaccineConfig
+    unsupported = {  # refused at start-up (docs/scale.md)
+        "gradient_checkpointing": (
+            "adds its perturbation with a forward hook that is removed before the backward, so a checkpointed "
+            "block recomputed in the backward would run without it and the gradient would be taken at the clean "
+            "point"
+        ),
+        "fsdp": (
+            "pass 1 takes auxiliary gradients with torch.autograd.grad through the model, outside the engine's "
+            "backward hooks (not verified under FSDP)"
+        ),
+        "deepspeed": (
+            "pass 1 takes auxiliary gradients with torch.autograd.grad through the model, outside the engine's "
+            "backward hooks (not verified under DeepSpeed)"
+        ),
+    }
 
     def __init__(self, cfg: VaccineConfig) -> None:
         super().__init__(cfg)
