@@ -123,15 +123,15 @@ def test_a_users_checker_file_is_called_with_prompt_completion_and_gold(tiny, tm
     assert [(r["correct"], r["reason"]) for r in recs][:2] == [(True, "gold 0 parity"), (False, "gold 1 parity")]
 
 
-def test_a_checker_module_and_a_gold_column_of_numbers(tiny, tmp_path, monkeypatch):
+def test_a_checker_module_and_mapped_prompt_and_gold_columns(tiny, tmp_path, monkeypatch):
     (tmp_path / "mod_checks.py").write_text(
         "def close(prompt, completion, gold):\n    return abs(float(completion) - gold) < 1\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    data = write_jsonl(tmp_path / "g.jsonl", [{"question": "x", "final": 2.5}, {"question": "y", "final": 10}])
+    data = write_jsonl(tmp_path / "g.jsonl", [{"q": "x", "final": 2.5}, {"q": "y", "final": 10}])
     canned(monkeypatch, {"x": "2.9", "y": "12"})
     model, tok = tiny
-    name = f"utility:task:jsonl:{data},gold=final,check=mod_checks:close"
+    name = f"utility:task:jsonl:{data},prompt=q,gold=final,check=mod_checks:close"
     assert evaluate(model, tok, EvalConfig(**CFG), None, suites=[name])[name]["accuracy"] == 0.5
 
 

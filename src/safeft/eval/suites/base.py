@@ -2,7 +2,7 @@
 
 A suite is named ``KIND`` or ``KIND:ARG`` (``harmful``, ``harmful:donotanswer``, ``utility:finance``). Each
 kind is a ``Suite`` subclass registered under its kind in ``SUITES`` by its plug-in module (``judged``:
-harmful, over_refusal; ``checked``: utility, humaneval; ``task``: utility:task);
+harmful, over_refusal; ``checked``: utility, humaneval; ``task``: utility:task; ``harness``: utility:lm_eval);
 the registry imports them on first lookup. A kind may itself hold a colon (``utility:task``): a name belongs
 to the longest registered kind it starts with (``suite_class``). An instance is one named suite: it knows its
 items, its generation settings, its records file and how to run.
@@ -31,6 +31,7 @@ SUITES: Registry[type[Suite]] = Registry(
         "safeft.eval.suites.judged",
         "safeft.eval.suites.checked",
         "safeft.eval.suites.task",
+        "safeft.eval.suites.harness",
     ),
 )
 
