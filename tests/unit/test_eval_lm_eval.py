@@ -152,3 +152,33 @@ def test_a_generated_answer_task_with_a_limit_and_a_chosen_metric(tiny, tmp_path
     assert headline(summary)[f"{bleu}/bleu"] == summary[bleu]["score"]
     with pytest.raises(HarnessError, match=r"no metric rouge in tiny_gen's results \(it has: exact_match,none"):
         evaluate(model, tok, EvalConfig(**CFG), None, suites=[f"utility:lm_eval:{yaml},metric=rouge"], limit=1)
+
+
+def test_a_group_of_local_tasks_is_one_suite_with_its_subtasks(tiny, tmp_path):
+    pytest.importorskip("lm_eval")
+    model, tok = tiny
+    write_task(tmp_path, "tiny_a", CHOICE_ROWS[:3], CHOICE)
+    write_task(tmp_path, "tiny_b", CHOICE_ROWS[3:], CHOICE)
+    group = tmp_path / "tiny_group.yaml"
+    group.write_text(
+        "group: tiny_group\ntask:\n  - tiny_a\n  - tiny_b\n"
+        "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: true\n"
+    )
+    name = f"utility:lm_eval:{group}"
+    entry = evaluate(model, tok, EvalConfig(**CFG), tmp_path, suites=[name])[name]
+    assert (entry["task"], entry["n"], entry["subtasks"]) == ("tiny_group", 4, {"tiny_a": 3, "tiny_b": 1})
+    (ev,) = Store(tmp_path / "eval").evaluation_dirs()
+    recs = records.read_records(next(ev.glob("utility_lm_eval_*.jsonl")))
+    assert sorted(r["id"] for r in recs) == ["tiny_a-0", "tiny_a-1", "tiny_a-2", "tiny_b-0"]
+    k = sum(r["correct"] for r in recs)
+    # weighted by size, the group's number is the share of all four items: the one accuracy, with its interval
+    assert entry["score"] == entry["accuracy"] == k / 4 and entry["accuracy_ci"] == pytest.approx(list(wilson(k, 4)))
+
+
+def test_a_task_file_that_is_missing_or_defines_no_task_fails_at_build(tmp_path):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(HarnessError, match=r"nope\.yaml: no such task file"):
+        parse_suites([f"utility:lm_eval:{tmp_path}/nope.yaml"])
+    (tmp_path / "junk.yaml").write_text("dataset_path: json\n")
+    with pytest.raises(HarnessError, match=r"lm-eval finds 0 tasks in .*junk\.yaml \(a 'task:' or 'group:' key"):
+        parse_suites([f"utility:lm_eval:{tmp_path}/junk.yaml"])

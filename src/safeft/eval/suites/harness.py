@@ -116,9 +116,15 @@ class LmEval(Suite):
             if not path.is_file():
                 raise HarnessError(f"suite {self.name!r}: {self.task}: no such task file")
             # Only the file's own folder: scanning lm-eval's ~15k built-in tasks takes seconds and a local
-            # task never needs them. The file's path is what lm-eval loads.
-            self.spec = str(path.resolve())
+            # task never needs them. The task is then loaded by the name its file gives it (lm-eval 0.4.13
+            # cannot load a group by its file's path).
             self.manager = TaskManager(include_path=[str(path.parent), *include], include_defaults=False)
+            index = self.manager.task_index
+            names = [n for n, e in index.items() if e.yaml_path and Path(e.yaml_path).resolve() == path.resolve()]
+            if len(names) != 1:
+                found = f" ({', '.join(names)})" if names else " (a 'task:' or 'group:' key, valid YAML?)"
+                raise HarnessError(f"suite {self.name!r}: lm-eval finds {len(names)} tasks in {self.task}{found}")
+            self.spec = names[0]
         else:
             self.spec = self.task
             self.manager = TaskManager(include_path=include or None)
@@ -159,7 +165,10 @@ class LmEval(Suite):
         # an lm-eval result entry: "metric,filter" -> number, beside name, alias, sample_len
         metrics = {k: _number(v) for k, v in res["results"][top].items() if "," in k}
         metric = self._headline(metrics, top)
-        samples = [s for rows in res["samples"].values() for s in rows if s.get("filter") == metric.split(",")[1]]
+        # (subtask, sample) under the headline's filter: lm-eval keeps one sample per document and filter
+        samples = [
+            (t, s) for t, rows in res["samples"].items() for s in rows if s.get("filter") == metric.split(",")[1]
+        ]
         entry: dict[str, Any] = {
             "task": top,
             "lm_eval_version": lm_eval.__version__,
@@ -175,7 +184,7 @@ class LmEval(Suite):
             entry["subtasks"] = {t: len(rows) for t, rows in sorted(res["samples"].items())}
         if inp.limit is not None:
             entry["limit"] = inp.limit  # lm-eval applies it per (sub)task
-        values = [s.get(metric.split(",")[0]) for s in samples]
+        values = [s.get(metric.split(",")[0]) for _, s in samples]
         binary = bool(values) and all(isinstance(v, int | float | bool) and float(v) in (0.0, 1.0) for v in values)
         k = int(sum(float(v) for v in values)) if binary else None
         # The Wilson interval only where the task's own number IS the share of correct items (a group that
@@ -183,7 +192,7 @@ class LmEval(Suite):
         if k is not None and metrics[metric] is not None and math.isclose(k / len(values), metrics[metric]):
             put_rate(entry, "accuracy", k, len(values))
         if inp.out is not None:
-            recs = [self._record(res, s, metric, chat) for s in samples]
+            recs = [self._record(res, task, s, metric, chat) for task, s in samples]
             io.write_jsonl(inp.out / self.records_file, recs)
         return entry
 
@@ -199,9 +208,8 @@ class LmEval(Suite):
             )
         return chosen[0]
 
-    def _record(self, res: dict[str, Any], s: dict[str, Any], metric: str, chat: bool) -> dict[str, Any]:
+    def _record(self, res: dict[str, Any], task: str, s: dict[str, Any], metric: str, chat: bool) -> dict[str, Any]:
         name = metric.split(",")[0]
-        task = next(t for t, rows in res["samples"].items() if any(r is s for r in rows))
         args = s.get("arguments") or [[""]]
         value = s.get(name)
         rec = {
