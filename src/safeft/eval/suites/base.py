@@ -2,8 +2,10 @@
 
 A suite is named ``KIND`` or ``KIND:ARG`` (``harmful``, ``harmful:donotanswer``, ``utility:finance``). Each
 kind is a ``Suite`` subclass registered under its kind in ``SUITES`` by its plug-in module (``judged``:
-harmful, over_refusal; ``checked``: utility, humaneval); the registry imports them on first lookup. An
-instance is one named suite: it knows its items, its generation settings, its records file and how to run.
+harmful, over_refusal; ``checked``: utility, humaneval; ``task``: utility:task; ``harness``: utility:lm_eval);
+the registry imports them on first lookup. A kind may itself hold a colon (``utility:task``): a name belongs
+to the longest registered kind it starts with (``suite_class``). An instance is one named suite: it knows its
+items, its generation settings, its records file and how to run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from safeft.eval.generate import Generation, GenSettings
 from safeft.eval.records import file_stem
 from safeft.registry import Registry
 
-SUITES: Registry[type[Suite]] = Registry("suite", plugins=("safeft.eval.suites.judged", "safeft.eval.suites.checked"))
+SUITES: Registry[type[Suite]] = Registry(
+    "suite",
+    plugins=(
+        "safeft.eval.suites.judged",
+        "safeft.eval.suites.checked",
+        "safeft.eval.suites.task",
+        "safeft.eval.suites.harness",
+    ),
+)
 
 # What a suite may need, declared in ``Suite.needs``: the driver gives every suite the model, tokenizer and
 # settings; it checks the judge spec before generating anything when a suite needs a judge, and expands a
@@ -68,7 +78,8 @@ class Suite(abc.ABC):
     def expand(cls, name: str, domains: Sequence[str]) -> list[Suite]:
         """The suites a name on the command line stands for, checked: a bare name of a kind that needs a
         domain means one suite per run domain (none when the target has no domain)."""
-        _, sep, arg = name.partition(":")
+        rest = name[len(cls.kind) :]  # the kind may hold a colon itself (utility:task)
+        sep, arg = rest[:1], rest[1:]
         if cls.arg == "none" and sep:
             raise ConfigError(f"suite {cls.kind!r} takes no argument (got {name!r})")
         if sep and not arg:
@@ -90,6 +101,18 @@ class Suite(abc.ABC):
     @abc.abstractmethod
     def run(self, inp: SuiteInputs, items: list[Example]) -> dict[str, Any]:
         """Generate, score, write the records to ``inp.out / self.records_file``; return the summary entry."""
+
+
+def suite_class(name: str) -> type[Suite]:
+    """The class a suite name belongs to: the longest registered kind the name starts with, so
+    ``utility:task:jsonl:f`` is ``utility:task``'s and ``utility:finance`` is ``utility``'s. Unknown kinds
+    raise with a did-you-mean."""
+    parts = name.split(":")
+    for i in range(len(parts), 1, -1):  # compound kinds first; a plain kind is the last resort
+        kind = ":".join(parts[:i])
+        if kind in SUITES:
+            return SUITES.get(kind)
+    return SUITES.get(parts[0])
 
 
 def subset(items: Sequence[Example], n: int | None, seed: int) -> list[Example]:

@@ -13,7 +13,7 @@ from safeft.config import ConfigError, EvalConfig
 from safeft.eval import judges
 from safeft.eval.generate import GenSettings
 from safeft.eval.results import Store
-from safeft.eval.suites.base import SUITES, Suite, SuiteInputs
+from safeft.eval.suites.base import Suite, SuiteInputs, suite_class
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def build_suites(names: Sequence[str], domains: Sequence[str] = ()) -> list[Suit
     needs a domain (``utility``) means one suite per entry of ``domains``."""
     out: dict[str, Suite] = {}
     for name in names:
-        cls = SUITES.get(name.partition(":")[0])  # unknown kinds raise with a did-you-mean
+        cls = suite_class(name)  # unknown kinds raise with a did-you-mean
         expanded = cls.expand(name, domains)
         if not expanded:
             log.warning("suite %r skipped: no domain (name one: %s:<domain> or --domain)", name, cls.kind)
@@ -102,8 +102,14 @@ def headline(summary: dict[str, Any]) -> dict[str, float]:
         row["over_refusal"] = summary["over_refusal"]["refusal_rate"]
     for k, v in summary.items():
         if k.startswith("utility:"):
-            row[f"{k}/acc"] = v["accuracy"]
-            row[f"{k}/nll"] = v["answer_nll"]
+            # every utility suite has accuracy but one whose lm-eval metric is no share of items (its score
+            # then); only those scored by generating against a gold answer have the answer NLL
+            if "accuracy" in v:
+                row[f"{k}/acc"] = v["accuracy"]
+            elif "metric" in v:
+                row[f"{k}/{v['metric'].split(',')[0]}"] = v["score"]
+            if "answer_nll" in v:
+                row[f"{k}/nll"] = v["answer_nll"]
         elif k.startswith("harmful:"):
             row[f"asr:{k.split(':', 1)[1]}"] = v["asr"]
         elif k.startswith("over_refusal:"):
