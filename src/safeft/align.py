@@ -7,8 +7,15 @@ refuse without learning a new style of helpfulness. Training is the ordinary loo
 defense (plain SFT by default; alignment-stage defenses such as Vaccine plug in here). The LoRA is merged
 and the aligned model saved as a plain checkpoint, which later stages load like any model.
 
+The boundary recipe (``align.contrastive``, ``refusal_style``, ``benign_sources``, ``skip_intents``,
+``lora``; off by default) teaches where refusal stops: our contrastive pairs put an edgy-but-benign prompt
+(answered by the base model) beside its harmful neighbour (refused), refusals can name their reason, and
+the over-refusal probes' train split can join the benign prompts. Settings are chosen on dev only
+(``benchmarks/align_frontier.py``); the dev and test probes are asserted out of the training data.
+
 The result is cached by a hash of everything that determines it (model, align config, defense, LoRA,
-our alignment texts), so ``make demo`` aligns once per machine.
+our alignment texts), so ``make demo`` aligns once per machine. The recipe knobs enter the hash only away
+from their defaults, so the default aligned model keeps the key it had before they existed.
 """
 
 from __future__ import annotations
