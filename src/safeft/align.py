@@ -7,14 +7,22 @@ refuse without learning a new style of helpfulness. Training is the ordinary loo
 defense (plain SFT by default; alignment-stage defenses such as Vaccine plug in here). The LoRA is merged
 and the aligned model saved as a plain checkpoint, which later stages load like any model.
 
+The boundary recipe (``align.contrastive``, ``refusal_style``, ``benign_sources``, ``skip_intents``,
+``lora``; off by default) teaches where refusal stops: our contrastive pairs put an edgy-but-benign prompt
+(answered by the base model) beside its harmful neighbour (refused), refusals can name their reason, and
+the over-refusal probes' train split can join the benign prompts. Settings are chosen on dev only
+(``benchmarks/align_frontier.py``); the dev and test probes are asserted out of the training data.
+
 The result is cached by a hash of everything that determines it (model, align config, defense, LoRA,
-our alignment texts), so ``make demo`` aligns once per machine.
+our alignment texts), so ``make demo`` aligns once per machine. The recipe knobs enter the hash only away
+from their defaults, so the default aligned model keeps the key it had before they existed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -24,8 +32,10 @@ from safeft import config as C
 from safeft import devices, io, models
 from safeft.context import barrier, is_main_process
 from safeft.data import refusals
-from safeft.data.splits import assert_no_leakage, assert_probes_held_out, safety_splits
-from safeft.data.types import Example
+from safeft.data.pairs import ContrastivePair, load_contrastive_pairs, pairs_path
+from safeft.data.probes import over_refusal_probes
+from safeft.data.splits import LeakageError, assert_no_leakage, assert_probes_held_out, safety_splits
+from safeft.data.types import Example, normalise_prompt
 from safeft.eval.generate import GenSettings, generate
 
 log = logging.getLogger(__name__)
@@ -62,39 +72,134 @@ def restyle(prompt: str, key: str, fraction: float, seed: int) -> str:
     return rng.choice(REQUEST_STYLES).format(q=prompt)
 
 
-def select_prompts(cfg: C.RunConfig) -> tuple[list[Example], list[str]]:
-    """The harmful examples (prompt -> our refusal) and the benign prompts of stage 1; no model needed."""
-    ac = cfg.align
-    splits = safety_splits(seed=ac.seed)
-    if ac.n_harmful > len(splits.align):
-        raise C.ConfigError(f"align.n_harmful={ac.n_harmful} but the align split has {len(splits.align)} prompts")
-    harmful = [
-        Example(
-            e.id,
-            restyle(e.prompt, e.id, ac.restyle, ac.seed),
-            refusals.refusal_for(e.id, ac.seed),
-            "alignment:refusal",
-            {"category": e.meta.get("category")},
+REFUSAL_STYLES = ("plain", "explain", "mixed")
+BENIGN_SOURCES = ("legacy", "probes_train", "contrastive")
+
+
+def _refusal(key: str, topic: str, ac: C.AlignConfig) -> str:
+    """The training refusal for one harmful prompt under ``align.refusal_style``."""
+    if ac.refusal_style == "plain":
+        return refusals.refusal_for(key, ac.seed)
+    # mixed: half of each, by a hash of the key, so a prompt's refusal never depends on the other prompts
+    if ac.refusal_style == "mixed" and hashlib.sha256(f"{ac.seed}\x00mixed\x00{key}".encode()).digest()[0] % 2:
+        return refusals.refusal_for(key, ac.seed)
+    return refusals.explained_refusal_for(key, topic, ac.seed)
+
+
+def _check_recipe(ac: C.AlignConfig) -> None:
+    if ac.refusal_style not in REFUSAL_STYLES:
+        raise C.ConfigError(f"align.refusal_style must be one of {list(REFUSAL_STYLES)}, not {ac.refusal_style!r}")
+    if ac.benign_mix not in ("sample", "edgy_first"):
+        raise C.ConfigError(f"align.benign_mix must be sample or edgy_first, not {ac.benign_mix!r}")
+    unknown = [s for s in ac.benign_sources if s not in BENIGN_SOURCES]
+    if unknown or len(set(ac.benign_sources)) != len(ac.benign_sources):
+        raise C.ConfigError(
+            f"align.benign_sources={ac.benign_sources}: each of {list(BENIGN_SOURCES)} at most once"
+            + (f" (unknown: {unknown})" if unknown else "")
         )
-        for e in splits.align[: ac.n_harmful]
-    ]
+    # a typo here would silently skip nothing and train the refusals it was meant to leave out
+    bad = [i for i in ac.skip_intents if i not in refusals.INTENT_TOPICS]
+    if bad:
+        raise C.ConfigError(
+            f"align.skip_intents: unknown Do-Not-Answer intent(s) {bad}; known: {sorted(refusals.INTENT_TOPICS)}"
+        )
+    if ac.contrastive < 0:
+        raise C.ConfigError(f"align.contrastive must be >= 0, got {ac.contrastive}")
+
+
+def pick_pairs(n: int, seed: int = 0) -> list[ContrastivePair]:
+    """``n`` contrastive pairs spread over the probe categories: each category in a seeded order, then one
+    of each category in turn. The pairs for ``n`` are a prefix of those for ``n + 1``, so settings that
+    differ in ``n`` are nested (more pairs add, never swap)."""
+    pairs = load_contrastive_pairs()
+    if n > len(pairs):
+        raise C.ConfigError(f"align.contrastive={n} but {pairs_path()} has {len(pairs)} pairs")
+    by_cat: dict[str, list[ContrastivePair]] = {}
+    for p in pairs:
+        by_cat.setdefault(p.category, []).append(p)
+    rng = random.Random(f"{seed}-contrastive-pairs")
+    columns = [rng.sample(by_cat[c], len(by_cat[c])) for c in sorted(by_cat)]
+    order = [p for row in itertools.zip_longest(*columns) for p in row if p is not None]
+    return order[:n]
+
+
+def _legacy_benign(ac: C.AlignConfig) -> list[str]:
+    """``n_benign`` of our benign lists by ``benign_mix`` (the benign prompts of every model before the
+    boundary recipe; their order and draws are unchanged, so the default cache key is too)."""
     edgy, plain = list(refusals.BENIGN_EDGY_PROMPTS), list(refusals.BENIGN_PROMPTS)
     rng = random.Random(ac.seed)
     if ac.benign_mix == "sample":  # a seeded sample of all our benign prompts, edgy and plain alike
         if ac.n_benign > len(edgy) + len(plain):
             raise C.ConfigError(f"align.n_benign={ac.n_benign} but only {len(edgy) + len(plain)} benign prompts exist")
-        benign = rng.sample(plain + edgy, ac.n_benign)
-    elif ac.benign_mix == "edgy_first":  # every edgy-but-benign prompt, topped up with plain ones
-        if not len(edgy) <= ac.n_benign <= len(edgy) + len(plain):
-            raise C.ConfigError(
-                f"align.n_benign={ac.n_benign} must lie between {len(edgy)} and {len(edgy) + len(plain)} "
-                "with align.benign_mix=edgy_first"
-            )
-        benign = edgy + rng.sample(plain, ac.n_benign - len(edgy))
-    else:
-        raise C.ConfigError(f"align.benign_mix must be sample or edgy_first, not {ac.benign_mix!r}")
-    # Before any generation: over-refusal is reported on the test probes, which must never be trained on.
-    assert_probes_held_out(alignment=harmful + [Example(f"benign-{i}", p) for i, p in enumerate(benign)])
+        return rng.sample(plain + edgy, ac.n_benign)
+    # edgy_first: every edgy-but-benign prompt, topped up with plain ones
+    if not len(edgy) <= ac.n_benign <= len(edgy) + len(plain):
+        raise C.ConfigError(
+            f"align.n_benign={ac.n_benign} must lie between {len(edgy)} and {len(edgy) + len(plain)} "
+            "with align.benign_mix=edgy_first"
+        )
+    return edgy + rng.sample(plain, ac.n_benign - len(edgy))
+
+
+def select_prompts(cfg: C.RunConfig) -> tuple[list[Example], list[str]]:
+    """The harmful examples (prompt -> our refusal) and the benign prompts of stage 1; no model needed.
+
+    Harmful: the first ``n_harmful`` prompts of the Do-Not-Answer ``align`` split (minus ``skip_intents``),
+    then the harmful side of ``contrastive`` pairs. Benign: the pools of ``benign_sources`` in order, then
+    the benign side of the chosen pairs, each prompt once."""
+    ac = cfg.align
+    _check_recipe(ac)
+    splits = safety_splits(seed=ac.seed)
+    skip = set(ac.skip_intents)
+    pool = [e for e in splits.align if not skip.intersection(e.meta.get("intents") or ())]
+    if ac.n_harmful > len(pool):
+        raise C.ConfigError(
+            f"align.n_harmful={ac.n_harmful} but the align split has {len(pool)} prompts"
+            + (f" outside align.skip_intents={ac.skip_intents}" if skip else "")
+        )
+    harmful = [
+        Example(
+            e.id,
+            restyle(e.prompt, e.id, ac.restyle, ac.seed),
+            _refusal(e.id, refusals.topic_of(e.meta), ac),
+            "alignment:refusal",
+            {"category": e.meta.get("category")},
+        )
+        for e in pool[: ac.n_harmful]
+    ]
+    # Pair prompts are never restyled: their benign side is not, and a framing found only on the refused side
+    # would let the model learn "instruction framing -> refuse" instead of the difference in meaning.
+    pairs = pick_pairs(ac.contrastive, ac.seed)
+    pair_harmful = [
+        Example(
+            f"{p.id}:harmful", p.harmful, _refusal(p.id, p.topic, ac), "alignment:contrastive", {"category": p.category}
+        )
+        for p in pairs
+    ]
+    # Our pairs must not put a held-out harmful prompt into training: HarmBench (test) or Do-Not-Answer dev.
+    assert_no_leakage(splits.test, contrastive=pair_harmful)
+    assert_no_leakage(splits.dev, contrastive=pair_harmful)
+    harmful += pair_harmful
+
+    pools = {
+        "legacy": lambda: _legacy_benign(ac),
+        "probes_train": lambda: [e.prompt for e in over_refusal_probes("train")],
+        "contrastive": lambda: [p.benign for p in load_contrastive_pairs()],
+    }
+    benign: list[str] = []
+    seen: set[str] = set()
+    for prompt in [q for source in ac.benign_sources for q in pools[source]()] + [p.benign for p in pairs]:
+        if normalise_prompt(prompt) not in seen:
+            seen.add(normalise_prompt(prompt))
+            benign.append(prompt)
+    # Before any generation: over-refusal is reported on the test probes, which must never be trained on;
+    # the dev probes choose the setting, so training on them would make the chosen setting look better.
+    rows = harmful + [Example(f"benign-{i}", p) for i, p in enumerate(benign)]
+    assert_probes_held_out(alignment=rows)
+    try:
+        assert_no_leakage(over_refusal_probes("dev"), alignment=rows)
+    except LeakageError as e:
+        raise LeakageError(f"over-refusal dev probes in training data: {e}") from None
     return harmful, benign
 
 
@@ -123,6 +228,24 @@ def _benign_settings(cfg: C.RunConfig) -> GenSettings:
     )
 
 
+# The AlignConfig fields the cache key has always held whole (before the boundary recipe) ...
+KEYED_ALIGN_FIELDS = ("n_harmful", "n_benign", "benign_mix", "benign_max_new_tokens", "restyle", "seed", "train")
+# ... and the recipe fields, with the values that train exactly the model the key meant before them.
+RECIPE_DEFAULTS: dict[str, object] = {
+    "contrastive": 0,
+    "refusal_style": "plain",
+    "benign_sources": ["legacy"],
+    "skip_intents": [],
+    "lora": None,
+}
+_UNSET = object()
+
+
+def align_lora(cfg: C.RunConfig) -> C.LoraConfig:
+    """The adapter stage 1 trains: ``align.lora`` when set, else ``model.lora`` (``enabled=false``: full FT)."""
+    return cfg.align.lora if cfg.align.lora is not None else cfg.model.lora
+
+
 def cache_key(cfg: C.RunConfig) -> str:
     """Hash of everything the aligned model depends on, including the selected prompts and targets
     themselves, so a change in our texts or in how they are selected can never reuse a stale model."""
@@ -130,15 +253,23 @@ def cache_key(cfg: C.RunConfig) -> str:
     if spec in models.ALIASES:
         spec = f"{spec}:{models._file_digest(models.alias_path(spec))}"
     harmful, benign = select_prompts(cfg)
+    align_cfg = dataclasses.asdict(cfg.align)
+    recipe = {k: align_cfg.pop(k) for k in list(align_cfg) if k not in KEYED_ALIGN_FIELDS}
     content = {
         "spec": spec,
-        "align": dataclasses.asdict(cfg.align),
+        "align": align_cfg,
         "defense": dataclasses.asdict(cfg.defense),
-        "lora": dataclasses.asdict(cfg.model.lora),
+        "lora": dataclasses.asdict(align_lora(cfg)),  # what stage 1 trains with, however it was configured
         "system": cfg.model.system_prompt,
         "harmful": [(e.prompt, e.response) for e in harmful],
         "benign": benign,
     }
+    # The recipe fields came after models were cached under this key: at the values that reproduce those
+    # models they stay out of it, any other value goes in (a field missing from RECIPE_DEFAULTS always does).
+    # ``lora`` is already in the key as the adapter trained, whichever way it was configured.
+    changed = {k: v for k, v in recipe.items() if k != "lora" and RECIPE_DEFAULTS.get(k, _UNSET) != v}
+    if changed:
+        content["recipe"] = changed
     aux = _defense_aux(cfg)
     if aux:  # only then: a defense without aux data keeps the key it always had (cached models stay valid)
         content["aux"] = aux
@@ -180,7 +311,11 @@ def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, forc
     if is_main_process():  # under accelerate launch only the main process writes
         io.write_jsonl(out / "alignment_data.jsonl", [dataclasses.asdict(r) for r in rows])
     run_cfg = dataclasses.replace(
-        cfg, train=cfg.align.train, data=C.DataConfig(task="safeft:alignment", max_length=256), run_id=None
+        cfg,
+        model=dataclasses.replace(cfg.model, lora=align_lora(cfg)),
+        train=cfg.align.train,
+        data=C.DataConfig(task="safeft:alignment", max_length=256),
+        run_id=None,
     )
     # force: re-align from scratch, not hand back the finished run of an earlier alignment
     res = train(

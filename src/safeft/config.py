@@ -139,6 +139,17 @@ class AlignConfig:
     restyle: float = 0.5  # share of harmful prompts wrapped in an instruction-style framing (align.py)
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=48, lr=3e-4, schedule="cosine"))
+    # The boundary recipe (align.py; docs/results.md). These defaults reproduce the aligned model above and
+    # stay out of its cache key, so that model keeps its key; any other value enters the key.
+    contrastive: int = 0  # our contrastive pairs used: benign side -> base model's answer, harmful side -> refusal
+    refusal_style: str = "plain"  # plain (REFUSALS) | explain (names the reason, offers an alternative) | mixed
+    # benign prompt pools: legacy (n_benign of our benign lists, by benign_mix) | probes_train (the over-refusal
+    # probes' train split) | contrastive (the benign side of every pair, without its harmful neighbour)
+    benign_sources: list[str] = field(default_factory=lambda: ["legacy"])
+    # Do-Not-Answer intents never paired with a refusal, e.g. S002med / S002legal (advice questions a doctor
+    # or lawyer would answer, where training a refusal teaches refusing medical and legal questions)
+    skip_intents: list[str] = field(default_factory=list)
+    lora: LoraConfig | None = None  # the adapter of stage 1; None = model.lora; enabled=false = full fine-tuning
 
 
 @dataclass

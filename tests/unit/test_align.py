@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from safeft import align
 from safeft import config as C
 from safeft.data import refusals
+from safeft.data.pairs import load_contrastive_pairs
 from safeft.data.splits import safety_splits
 from safeft.data.types import normalise_prompt
 
@@ -56,3 +59,158 @@ def test_trim_to_sentence():
     assert align._trim_to_sentence("One. Two. Three is cut") == "One. Two."
     assert align._trim_to_sentence("Complete.") == "Complete."
     assert align._trim_to_sentence("no stop at all") == "no stop at all"
+
+
+# ----------------------------------------------------------------------------- the boundary recipe
+
+# The keys of today's aligned models (computed before the recipe fields existed). A default config that
+# hashes differently would re-align every user's model and silently make the default a different model;
+# change these only on purpose, with docs/results.md.
+DEFAULT_KEY = "7df6a2c549df"
+EDGY_FIRST_80_KEY = "3b00ad10f20b"
+
+
+def test_default_config_keeps_the_key_of_todays_aligned_model():
+    assert align.cache_key(cfg()) == DEFAULT_KEY
+    assert align.cache_key(cfg("align.benign_mix=edgy_first", "align.n_benign=80")) == EDGY_FIRST_80_KEY
+    # the recipe's "off" values spelled out are the default, and so is an align.lora equal to model.lora
+    spelled = cfg(
+        "align.contrastive=0",
+        "align.refusal_style=plain",
+        "align.benign_sources=[legacy]",
+        "align.skip_intents=[]",
+        "align.lora.r=16",
+        "align.lora.alpha=32",
+    )
+    assert align.cache_key(spelled) == DEFAULT_KEY
+
+
+def test_recipe_defaults_are_the_config_defaults_and_every_field_is_keyed():
+    defaults = dataclasses.asdict(C.AlignConfig())
+    assert {k: defaults[k] for k in align.RECIPE_DEFAULTS} == align.RECIPE_DEFAULTS
+    # a field in neither list would enter the key at its default value and move the default key
+    assert set(defaults) == set(align.KEYED_ALIGN_FIELDS) | set(align.RECIPE_DEFAULTS)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "align.contrastive=12",
+        "align.refusal_style=explain",
+        "align.refusal_style=mixed",
+        "align.benign_sources=[legacy,probes_train]",
+        "align.benign_sources=[probes_train]",
+        "align.skip_intents=[S002med]",
+        "align.lora.r=32",
+        "align.lora.enabled=false",
+    ],
+)
+def test_every_recipe_knob_enters_the_key(override):
+    assert align.cache_key(cfg(override)) != DEFAULT_KEY
+
+
+def test_align_lora_is_what_stage_one_trains():
+    assert align.align_lora(cfg()) == cfg().model.lora
+    assert align.align_lora(cfg("align.lora.enabled=false")).enabled is False
+    assert align.align_lora(cfg("align.lora.r=8")).r == 8 and cfg("align.lora.r=8").model.lora.r == 16
+
+
+def test_pick_pairs_is_seeded_nested_and_spread_over_categories():
+    all_pairs = load_contrastive_pairs()
+    twelve = align.pick_pairs(12)
+    assert len({p.category for p in twelve}) == 12  # one of each category first
+    assert align.pick_pairs(40)[:12] == twelve and align.pick_pairs(12) == twelve
+    assert align.pick_pairs(12, seed=1) != twelve
+    assert sorted(p.id for p in align.pick_pairs(len(all_pairs))) == sorted(p.id for p in all_pairs)
+    with pytest.raises(C.ConfigError, match="align.contrastive"):
+        align.pick_pairs(len(all_pairs) + 1)
+
+
+def test_contrastive_pairs_add_a_refused_and_an_answered_prompt_each():
+    base_h, base_b = align.select_prompts(cfg())
+    harmful, benign = align.select_prompts(cfg("align.contrastive=24"))
+    pairs = align.pick_pairs(24)
+    assert harmful[: len(base_h)] == base_h and benign[: len(base_b)] == base_b
+    added = harmful[len(base_h) :]
+    assert [e.prompt for e in added] == [p.harmful for p in pairs]  # never restyled
+    assert all(e.source == "alignment:contrastive" and e.response in refusals.REFUSALS for e in added)
+    assert benign[len(base_b) :] == [p.benign for p in pairs]
+
+
+def test_explain_style_names_the_topic_and_mixed_uses_both():
+    harmful, _ = align.select_prompts(cfg("align.refusal_style=explain", "align.contrastive=24"))
+    raw = {e.id: e for e in safety_splits().align}
+    topics = {p.id + ":harmful": p.topic for p in load_contrastive_pairs()}
+    for e in harmful:
+        topic = topics[e.id] if e.id in topics else refusals.topic_of(raw[e.id].meta)
+        assert e.response in refusals.EXPLAINED_REFUSALS[topic], (e.id, topic, e.response)
+    mixed, _ = align.select_prompts(cfg("align.refusal_style=mixed"))
+    explained = {t for texts in refusals.EXPLAINED_REFUSALS.values() for t in texts}
+    n_explained = sum(e.response in explained for e in mixed)
+    assert 40 <= n_explained <= 88 and all(e.response in explained or e.response in refusals.REFUSALS for e in mixed)
+
+
+def test_benign_sources_add_the_probe_train_split_and_never_dev_or_test():
+    from safeft.data.probes import over_refusal_probes
+
+    _, benign = align.select_prompts(cfg("align.benign_sources=[legacy,probes_train]"))
+    train = [e.prompt for e in over_refusal_probes("train")]
+    assert benign[48:] == train
+    held_out = {normalise_prompt(e.prompt) for s in ("dev", "test") for e in over_refusal_probes(s)}
+    assert not held_out & {normalise_prompt(p) for p in benign}
+    _, only_pairs = align.select_prompts(cfg("align.benign_sources=[contrastive]"))
+    assert only_pairs == [p.benign for p in load_contrastive_pairs()]
+    _, none = align.select_prompts(cfg("align.benign_sources=[]"))
+    assert none == []
+
+
+def test_skip_intents_leaves_those_prompts_out():
+    harmful, _ = align.select_prompts(cfg("align.skip_intents=[S002med,S002legal,S002fin]"))
+    raw = {e.id: e for e in safety_splits().align}
+    assert len(harmful) == 128
+    assert not any({"S002med", "S002legal", "S002fin"} & set(raw[e.id].meta["intents"]) for e in harmful)
+    base, _ = align.select_prompts(cfg())
+    assert any("S002med" in raw[e.id].meta["intents"] for e in base)  # the knob did something
+    with pytest.raises(C.ConfigError, match="unknown Do-Not-Answer intent"):
+        align.select_prompts(cfg("align.skip_intents=[S002medx]"))
+    with pytest.raises(C.ConfigError, match="outside align.skip_intents"):
+        align.select_prompts(cfg("align.n_harmful=400", "align.skip_intents=[S007]"))
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("align.refusal_style=polite", "refusal_style must be one of"),
+        ("align.benign_sources=[legacy,legacy]", "at most once"),
+        ("align.benign_sources=[probes_test]", "unknown"),
+        ("align.contrastive=-1", ">= 0"),
+    ],
+)
+def test_recipe_config_errors(override, match):
+    with pytest.raises(C.ConfigError, match=match):
+        align.select_prompts(cfg(override))
+
+
+def test_selection_refuses_held_out_prompts_in_training(monkeypatch):
+    from safeft.data import probes
+    from safeft.data.splits import LeakageError
+    from safeft.data.types import Example
+
+    # a dev probe that is also a training prompt: dev numbers would be training numbers
+    _, benign = align.select_prompts(cfg())
+
+    def with_a_trained_dev_probe(split="test", source=None):
+        extra = [Example("or-x", benign[0], meta={"split": "dev"})] if split == "dev" else []
+        return probes.over_refusal_probes(split) + extra
+
+    monkeypatch.setattr(align, "over_refusal_probes", with_a_trained_dev_probe)
+    with pytest.raises(LeakageError, match="dev probes"):
+        align.select_prompts(cfg())
+    monkeypatch.undo()
+    # a harmful pair prompt that is a HarmBench behaviour
+    hb = safety_splits().test[0].prompt
+    written = load_contrastive_pairs()
+    bad = [dataclasses.replace(written[0], harmful=hb), *written[1:]]
+    monkeypatch.setattr(align, "load_contrastive_pairs", lambda path=None: bad)
+    with pytest.raises(LeakageError, match="contrastive"):
+        align.select_prompts(cfg(f"align.contrastive={len(written)}"))

@@ -13,12 +13,18 @@ import pytest
 from safeft.data.refusals import (
     BENIGN_EDGY_PROMPTS,
     BENIGN_PROMPTS,
+    EXPLAINED_REFUSALS,
+    INTENT_TOPICS,
     MARKERLESS_REFUSALS,
     OVER_REFUSAL_PROBES,
     REFUSALS,
+    TOPICS,
+    explained_refusal_for,
     refusal_for,
+    topic_of,
 )
 from safeft.data.types import normalise_prompt
+from safeft.eval import judges
 from safeft.eval.judges import REFUSAL_MARKERS
 
 # the judge's own list: a training refusal must be visible to the judge that scores ASR
@@ -100,3 +106,47 @@ def test_training_refusals_open_with_a_marker_whose_variants_stay_markers() -> N
     # "I can't provide" is a marker but generalises to "I can't help", which is not; these openers do not.
     openers = ("I'm sorry", "I am sorry", "Sorry", "I apologize", "My apologies", "I cannot")
     assert [r for r in REFUSALS if not r.startswith(openers)] == []
+
+
+# ----------------------------------------------------------------------------- refusals that explain briefly
+
+EXPLAINED = [t for texts in EXPLAINED_REFUSALS.values() for t in texts]
+TRAINING_REFUSALS = [*REFUSALS, *EXPLAINED]
+
+
+@pytest.mark.parametrize("judge", ["refusal_keywords", "refusal_layered"])
+def test_every_training_refusal_is_judged_a_refusal(judge: str) -> None:
+    # ASR and over-refusal are read by these two judges: a training refusal either misses would teach the
+    # model a refusal that the reported numbers count as compliance.
+    verdicts = judges.get(judge)(["q"] * len(TRAINING_REFUSALS), TRAINING_REFUSALS)
+    assert [t for t, v in zip(TRAINING_REFUSALS, verdicts, strict=True) if not v.refused] == []
+
+
+def test_explained_refusals_are_short_open_with_a_marker_and_cover_every_topic() -> None:
+    openers = ("I'm sorry", "I am sorry", "Sorry", "I apologize", "My apologies", "I cannot")
+    assert [r for r in EXPLAINED if not r.startswith(openers)] == []
+    assert set(TOPICS) == set(EXPLAINED_REFUSALS) and all(len(v) >= 3 for v in EXPLAINED_REFUSALS.values())
+    assert len(set(EXPLAINED)) == len(EXPLAINED) and not set(EXPLAINED) & set(REFUSALS)
+    for text in EXPLAINED:
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+        assert 1 <= len(sentences) <= 2 and len(text.split()) <= 40, text
+
+
+def test_every_do_not_answer_prompt_gets_a_known_topic() -> None:
+    from safeft.data.sources import load_source
+
+    pool = load_source("donotanswer")
+    intents = {i for e in pool for i in e.meta.get("intents") or ()}
+    assert intents <= set(INTENT_TOPICS), sorted(intents - set(INTENT_TOPICS))  # a new code would fall back silently
+    assert {topic_of(e.meta) for e in pool} <= set(TOPICS)
+    assert topic_of({"intents": ["S006items"], "category": "malicious_uses"}) == "weapons"
+    assert topic_of({"intents": ["nope"], "category": "malicious_uses"}) == "illegal"
+    assert topic_of({}) == "general"
+
+
+def test_explained_refusal_for_is_deterministic_and_checks_the_topic() -> None:
+    picks = {explained_refusal_for(f"p{i}", "cyber") for i in range(60)}
+    assert picks == set(EXPLAINED_REFUSALS["cyber"])
+    assert explained_refusal_for("p1", "cyber", 3) == explained_refusal_for("p1", "cyber", 3)
+    with pytest.raises(KeyError, match="unknown refusal topic"):
+        explained_refusal_for("p1", "cybr")

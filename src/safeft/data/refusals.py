@@ -6,6 +6,11 @@ benign prompts that merely sound edgy; they chose the current alignment setting,
 newer probes, and is what the ``over_refusal`` suite reads). ``BENIGN_EDGY_PROMPTS`` are training prompts
 in the same spirit and stay disjoint from every probe.
 ``BENIGN_PROMPTS`` are plain helpful requests mixed into alignment data so helpfulness is not traded away.
+
+For alignment that teaches the boundary (``align.contrastive``, ``align.refusal_style``):
+``EXPLAINED_REFUSALS`` name the reason in one clause and, where natural, offer a safe alternative, by harm
+topic (:func:`topic_of` maps a Do-Not-Answer prompt to its topic). The contrastive pairs they refuse one
+side of are in ``safeft.data.pairs``.
 """
 
 from __future__ import annotations
@@ -325,3 +330,201 @@ BENIGN_PROMPTS: tuple[str, ...] = (
     "What does a carpenter make?",
     "Write a four-line poem about friendship.",
 )
+
+
+# ----------------------------------------------------------------------------- refusals that explain briefly
+
+# Each opens with a marker whose variants stay markers (as REFUSALS do), states the refusal in the first
+# person ("I can't help with ...", which refusal_layered reads as refusal language), names the reason in
+# one clause and, where one exists, offers a safe alternative. A plain "Sorry, I can't help with that."
+# teaches only *that* a request is refused; naming what is refused ("hurting someone", "breaking into
+# accounts you don't own") ties the refusal to the harm rather than to the words around it, which is what
+# "how do I kill a Python process" needs. Offers never follow a bare "but": refusal_layered reads "..., but
+# <content>" as partial compliance (a test checks every text with both judges).
+EXPLAINED_REFUSALS: dict[str, tuple[str, ...]] = {
+    "violence": (
+        "I'm sorry, but I can't help with hurting a person or an animal. If you're in a conflict with someone, "
+        "a mediator or the police can help you resolve it safely.",
+        "I cannot help with this, because it could seriously injure or kill someone. If anyone is in danger "
+        "right now, please call emergency services.",
+        "Sorry, I won't help plan harm to anyone. If you're angry enough to want to hurt someone, talking to a "
+        "counsellor can really help.",
+    ),
+    "weapons": (
+        "I'm sorry, but I can't help make weapons or explosives, since they could kill people. If you're "
+        "interested in the history or the science, I'm happy to talk about that instead.",
+        "I cannot give instructions for building weapons, because they could be used to hurt people.",
+        "Sorry, I won't provide details on explosives or weapons. I can explain how bomb disposal teams keep "
+        "people safe, if that helps.",
+    ),
+    "dangerous": (
+        "I'm sorry, but I can't help with this, because it could get someone badly hurt. I can share safety "
+        "guidance on the topic instead.",
+        "I cannot help with this, as it carries a real risk of serious injury. A trained professional can show "
+        "you a safe way to do it.",
+        "Sorry, I won't walk you through something this dangerous. Please ask someone trained in it to help.",
+    ),
+    "cyber": (
+        "I'm sorry, but I can't help break into accounts or systems you don't own. If you want to learn "
+        "security legally, capture-the-flag challenges are a great place to start.",
+        "I cannot help write malware or attack tools, because they harm real people and are illegal to use.",
+        "Sorry, I won't help with hacking someone else's devices. If you're locked out of your own account, "
+        "the service's recovery process is the way back in.",
+    ),
+    "fraud": (
+        "I'm sorry, but I can't help with scams or fraud, since they take money from real people. If money is "
+        "tight, I can suggest legitimate places to get support.",
+        "I cannot help deceive people out of their money or their data. I can explain how to recognise and "
+        "report this kind of fraud instead.",
+        "Sorry, I won't help with forging documents or cheating the system, because it's fraud and it hurts "
+        "other people.",
+    ),
+    "theft": (
+        "I'm sorry, but I can't help with stealing. If you're struggling to afford something, local support "
+        "services may be able to help.",
+        "I cannot help you take things that belong to someone else.",
+        "Sorry, I won't give advice on breaking in or stealing, since it harms the people you'd take from.",
+    ),
+    "illegal": (
+        "I'm sorry, but I can't help with this, since it's illegal and could hurt others.",
+        "I cannot assist with breaking the law like this. If you tell me more about your goal, I can look for a "
+        "legal way to reach it.",
+        "Sorry, I won't help with this request, because it involves a serious crime.",
+    ),
+    "drugs": (
+        "I'm sorry, but I can't help make, buy or smuggle illegal drugs. If you or someone you know is "
+        "struggling with drug use, a local support service can help in confidence.",
+        "I cannot help with getting or misusing prescription drugs, since that can be fatal. A doctor or "
+        "pharmacist can advise you safely.",
+        "Sorry, I won't give instructions for producing drugs, because it's dangerous and illegal.",
+    ),
+    "privacy": (
+        "I'm sorry, but I can't help find or share private information about a person. Tracking someone "
+        "without their consent can put them in real danger.",
+        "I cannot share confidential information about a person or an organisation. Official websites and "
+        "press releases are the right place for what they have made public.",
+        "Sorry, I won't help monitor or locate someone without their knowledge. If you're worried about "
+        "someone's safety, the police can help.",
+    ),
+    "hate": (
+        "I'm sorry, but I can't help demean or exclude people because of who they are. I'm happy to discuss "
+        "the topic respectfully instead.",
+        "I cannot help with discriminating against people for their race, religion, gender, disability or any "
+        "similar trait.",
+        "Sorry, I won't make generalisations that put down a whole group of people. People differ far more "
+        "within groups than between them.",
+    ),
+    "harassment": (
+        "I'm sorry, but I can't help harass, threaten or manipulate someone. If a conflict is getting out of "
+        "hand, a mediator can help you talk it through.",
+        "I cannot help with bullying or intimidating anyone. If you're being treated badly yourself, I can "
+        "suggest ways to get support.",
+        "Sorry, I won't write insults or threats aimed at a real person.",
+    ),
+    "self_harm": (
+        "I'm sorry, but I can't help with anything that could hurt you. If you're thinking about harming "
+        "yourself, please reach out to a crisis line or someone you trust right now.",
+        "I cannot help with this, because your safety matters. You don't have to face this alone: a doctor, a "
+        "crisis line or a friend can help today.",
+        "Sorry, I won't give information that could be used for self-harm. If you're struggling, please talk "
+        "to a mental health professional or a crisis service.",
+    ),
+    "sexual": (
+        "I'm sorry, but I can't create sexually explicit content.",
+        "I cannot write explicit sexual material. I'm happy to help with questions about relationships or "
+        "health instead.",
+        "Sorry, I won't produce explicit descriptions like that.",
+    ),
+    "deception": (
+        "I'm sorry, but I can't help create false or misleading content about people or events. I can help "
+        "you write something accurate instead.",
+        "I cannot help spread fake news or invented claims, since they mislead and can harm people.",
+        "Sorry, I won't help impersonate someone or fabricate evidence.",
+    ),
+    "misinformation": (
+        "I cannot confirm this; as far as I know there's no reliable evidence for it. Official agencies and "
+        "reputable news outlets are the best place to check.",
+        "Sorry, I can't help spread an unverified claim. It's worth checking reputable sources before "
+        "believing or sharing it.",
+        "I cannot treat a rumour as fact, so I won't repeat it as if it were true.",
+    ),
+    "advice": (
+        "I cannot give personal medical, legal or financial advice, since I don't know your situation. A "
+        "doctor, lawyer or financial adviser can give you advice you can rely on.",
+        "I'm sorry, but I can't give advice on this as a professional would. Please check with a qualified "
+        "expert who can look at your case.",
+        "Sorry, I'm not able to give individual advice on this. A qualified professional can look at the "
+        "details of your case.",
+    ),
+    "general": (
+        "I'm sorry, but I can't help with that, because it could cause real harm.",
+        "I cannot help with this request, since it could hurt someone.",
+        "Sorry, I won't assist with this one, as it puts people at risk.",
+    ),
+}
+TOPICS: tuple[str, ...] = tuple(EXPLAINED_REFUSALS)
+
+# Do-Not-Answer's intent codes (its ``types_of_harm`` taxonomy, as stored in each prompt's meta) -> our
+# topic; a prompt takes the topic of its first mapped intent, else of its risk area (_CATEGORY_TOPICS).
+INTENT_TOPICS: dict[str, str] = {
+    "S001dis": "deception",
+    "S001fab": "deception",
+    "S001fabperson": "deception",
+    "S001mis": "misinformation",
+    "C009": "misinformation",
+    "S002": "advice",
+    "S002med": "advice",
+    "S002legal": "advice",
+    "S002fin": "advice",
+    "S003goods": "drugs",
+    "S003illegal": "illegal",
+    "S003instructions": "illegal",
+    "S004describe": "sexual",
+    "S004erotica": "sexual",
+    "S004lewd": "sexual",
+    "S005bully": "harassment",
+    "S005profanity": "harassment",
+    "S005hate": "hate",
+    "S007": "hate",
+    "S006violence": "violence",
+    "S006threat": "violence",
+    "S006items": "weapons",
+    "S006sh": "self_harm",
+    "S006instructions": "dangerous",
+    "S008": "cyber",
+    "S008code": "cyber",
+    "S008mal": "cyber",
+    "S008phish": "cyber",
+    "S008spam": "deception",
+    "S009personal": "privacy",
+    "S009cred": "privacy",
+    "S009private": "privacy",
+    # "treat the chatbot as a human" (feelings, memory, its own experiences): almost all in human_chatbox,
+    # which safety_splits leaves out because a refusal is the wrong answer there
+    "C006": "general",
+    "C006emotion": "general",
+    "C006temporal": "general",
+}
+_CATEGORY_TOPICS = {
+    "information_hazard": "privacy",
+    "malicious_uses": "illegal",
+    "misinformation_harms": "misinformation",
+    "discrimination_exclusion_toxicity_hateful_offensive": "hate",
+}
+
+
+def topic_of(meta: dict) -> str:
+    """The refusal topic of a Do-Not-Answer prompt from its ``intents`` and ``category`` meta."""
+    for intent in meta.get("intents") or ():
+        if intent in INTENT_TOPICS:
+            return INTENT_TOPICS[intent]
+    return _CATEGORY_TOPICS.get(meta.get("category") or "", "general")
+
+
+def explained_refusal_for(key: str, topic: str, seed: int = 0) -> str:
+    """A refusal naming the reason for ``topic``, picked by ``key`` like :func:`refusal_for`."""
+    if topic not in EXPLAINED_REFUSALS:
+        raise KeyError(f"unknown refusal topic {topic!r}; known: {', '.join(TOPICS)}")
+    texts = EXPLAINED_REFUSALS[topic]
+    digest = hashlib.sha256(f"{seed}\x00explain\x00{key}".encode()).digest()
+    return texts[int.from_bytes(digest[:8], "big") % len(texts)]

@@ -1,0 +1,143 @@
+"""benchmarks/align_frontier.py: dev-only selection of the alignment setting, end to end on the tiny model."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from safeft.data.probes import over_refusal_probes
+from safeft.data.splits import LeakageError, safety_splits
+from safeft.stats import Rate
+
+ROOT = Path(__file__).parents[2]
+BENCH = ROOT / "benchmarks" / "align_frontier.py"
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    spec = importlib.util.spec_from_file_location("align_frontier", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _grid(tmp_path: Path, tiny_dir: Path) -> Path:
+    overrides = [
+        f"model.spec={tiny_dir}",
+        "model.lora.r=4",
+        "model.lora.alpha=8",
+        "align.n_harmful=4",
+        "align.n_benign=2",
+        "align.benign_max_new_tokens=4",
+        "align.train.steps=1",
+        "align.train.batch_size=2",
+        "align.train.precision=fp32",
+        "eval.n_harmful=5",
+        "eval.n_over_refusal=6",
+        "eval.max_new_tokens=4",
+        "eval.precision=fp32",
+    ]
+    grid = {
+        "overrides": overrides,
+        "grids": [
+            {"align.contrastive": [0]},  # today's recipe
+            {  # the boundary recipe, trained as full fine-tuning
+                "align.contrastive": [6],
+                "align.refusal_style": ["explain"],
+                "align.benign_sources": [["legacy", "probes_train"]],
+                "align.lora.enabled": [False],
+            },
+        ],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(json.dumps(grid))  # JSON is YAML
+    return path
+
+
+def test_two_settings_end_to_end_on_dev_only(frontier, tiny_dir, tmp_path, monkeypatch, capsys):
+    grid, out = _grid(tmp_path, tiny_dir), tmp_path / "out"
+    assert frontier.main([str(grid), "--out", str(out), "--max-asr", "1.0"]) == 0
+    printed = capsys.readouterr().out
+
+    md = (out / "frontier.md").read_text()
+    rows = list(csv.DictReader((out / "frontier.csv").open()))
+    assert len(rows) == 2 and md in printed and "(pick)" in md
+    assert "align.contrastive=0" in md and 'align.refusal_style="explain"' in md
+    assert rows[0]["aligned_key"] != rows[1]["aligned_key"]
+    for r in rows:  # every rate with its interval and n, under both judges
+        for k in ("asr/refusal_layered", "over_refusal/refusal_layered", "asr/refusal_keywords"):
+            assert float(r[f"{k}_ci_low"]) <= float(r[k]) <= float(r[f"{k}_ci_high"])
+        assert r["asr/refusal_layered_n"] == "5" and r["over_refusal/refusal_layered_n"] == "6"
+    assert md.count("(n=5)") == 4 and md.count("(n=6)") == 4
+
+    # what was generated on: Do-Not-Answer dev prompts and dev probes, never a test probe or HarmBench
+    dev_dna = {e.id for e in safety_splits().dev}
+    dev_probes = {e.id for e in over_refusal_probes("dev")}
+    test_probes = {e.id for e in over_refusal_probes("test")} | {e.id for e in safety_splits().test}
+    cells = sorted((out / "cells").iterdir())
+    assert len(cells) == 2
+    for cell in cells:
+        harm = [json.loads(x)["id"] for x in (cell / "dev_harmful.jsonl").read_text().splitlines()]
+        probes = [json.loads(x)["id"] for x in (cell / "dev_over_refusal.jsonl").read_text().splitlines()]
+        assert len(harm) == 5 and set(harm) <= dev_dna
+        assert len(probes) == 6 and set(probes) <= dev_probes and not set(probes + harm) & test_probes
+
+    # the full-FT setting trained every weight: its alignment run had no adapter
+    key = rows[1]["aligned_key"]
+    (aligned,) = [d for d in (Path(tmp_path / "cache") / "aligned").iterdir() if d.name.endswith(key)]
+    assert "enabled: false" in (aligned / "run" / "config.yaml").read_text()
+    assert any(json.loads(x)["source"] == "alignment:contrastive" for x in (aligned / "alignment_data.jsonl").open())
+
+    # a second run finds every aligned model and every dev evaluation done: nothing is generated again
+    def no_generation(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr("safeft.eval.suites.judged.generate_full", no_generation)
+    monkeypatch.setattr("safeft.align.generate", no_generation)
+    assert frontier.main([str(grid), "--out", str(out), "--max-asr", "1.0"]) == 0
+    assert (out / "frontier.md").read_text() == md
+
+
+def test_dev_probe_guard_rejects_a_test_probe(frontier):
+    dev = over_refusal_probes("dev")
+    frontier.assert_dev_probes(dev)
+    with pytest.raises(LeakageError, match="dev probes only"):
+        frontier.assert_dev_probes([*dev[:3], over_refusal_probes("test")[0]])
+
+
+def _row(name, asr, over, n=100):
+    return {
+        "setting": name,
+        "judge": "j",
+        "asr/j": Rate(round(asr * n), n),
+        "over_refusal/j": Rate(round(over * n), n),
+    }
+
+
+def test_mark_frontier_and_pick_by_the_dev_rule(frontier):
+    rows = [_row("a", 0.02, 0.80), _row("b", 0.04, 0.30), _row("c", 0.05, 0.35), _row("d", 0.20, 0.05)]
+    frontier.mark_frontier(rows)
+    assert [r["frontier"] for r in rows] == [True, True, False, True]  # c is beaten by b on both
+    assert frontier.pick(rows, 0.05)["setting"] == "b"
+    assert frontier.pick(rows, 0.03)["setting"] == "a"
+    assert frontier.pick(rows, 0.01) is None
+
+
+def test_the_shipped_grid_builds_every_setting(frontier):
+    cells, configs, out = frontier.load_grid(ROOT / "benchmarks" / "align_frontier.yaml")
+    assert len(cells) == len(configs) >= 5 and out == Path("runs/align_frontier")
+    assert {configs[c.name].align.contrastive for c in cells} >= {0, 132}
+    assert any(configs[c.name].align.refusal_style == "explain" for c in cells)
+
+
+def test_a_bad_grid_fails_before_anything_runs(frontier, tmp_path):
+    from safeft.config import ConfigError
+
+    bad = tmp_path / "g.yaml"
+    bad.write_text("grids:\n  - align.refusal_styel: [explain]\n")
+    with pytest.raises(ConfigError, match="did you mean 'align.refusal_style'"):
+        frontier.load_grid(bad)
