@@ -99,6 +99,8 @@ class TrainConfig:
     # (judge, max_new_tokens, seed from the eval section); 0 = off. ``safeft diagnose`` plots it over steps.
     eval_every: int = 0
     eval_n_harmful: int = 20
+    # experiment trackers logging what metrics.jsonl gets: tensorboard and/or wandb (the [trackers] extra)
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass

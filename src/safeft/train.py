@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from safeft import config as C
-from safeft import devices, io, models, runs, validate
+from safeft import devices, io, models, runs, trackers, validate
 from safeft import precision as P
 from safeft.context import (
     RunContext,
@@ -380,6 +380,7 @@ def _train(
     bar = tqdm(
         total=tc.steps, initial=ctx.step, desc=f"train {cfg.defense.name}", disable=not progress or not ctx.is_main
     )
+    tracked = trackers.Trackers(cfg, run_dir, ctx.is_main)
     try:
         if ctx.step == 0 and asr.due(0):  # the starting point of the ASR curve (the aligned model)
             run_asr()
@@ -431,6 +432,7 @@ def _train(
                 if mf is not None and (ctx.step % tc.log_every == 0 or ctx.step == tc.steps or "eval/asr" in row):
                     mf.write(json.dumps(row) + "\n")
                     mf.flush()
+                    tracked.log(row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.3f}")
                 if (tc.save_every and ctx.step % tc.save_every == 0) or ctx.step == tc.steps:
@@ -448,6 +450,7 @@ def _train(
             save()
     finally:
         bar.close()
+        tracked.close()
         defense.close()  # hooks never outlive the run, even a crashed one
     unwrapped = accelerator.unwrap_model(model)
     summary = {

@@ -517,6 +517,9 @@ def check(
     from safeft.runs import fingerprint
 
     check_values(cfg)
+    from safeft import trackers
+
+    trackers.check(cfg)
     defense = methods.build(cfg.defense)
     _check_run_settings(cfg, defense)
     info = inspect_model(cfg.model, model, tokenizer)
