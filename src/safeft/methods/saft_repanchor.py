@@ -108,7 +108,7 @@ class SAFTRepAnchor(Defense):
         if not self.uses_anchors:
             return {}
         rep = self.rep.drift_state() if self.cfg.gamma > 0 else {}
-        return {"y_ref": self.anchors.y_ref, **rep}
+        return {"y_ref": self.anchors.y_ref, **rep, **self.saft.attack_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -116,3 +116,4 @@ class SAFTRepAnchor(Defense):
         self.anchors.y_ref = state["y_ref"]
         if self.cfg.gamma > 0:
             self.rep.load_drift_state(state)
+        self.saft.load_attack_state(state)

@@ -24,6 +24,7 @@ from safeft.methods.base import Batch, Defense, StepOutput, require
 from safeft.methods.registry import register
 from safeft.methods.weights import global_norm, param_grads, shifted
 from safeft.models import ModelError, decoder_layers, trainable_parameters
+from safeft.packing import forward_at, label_positions, task_loss
 
 if TYPE_CHECKING:
     from safeft.context import RunContext
@@ -62,19 +63,31 @@ def default_layers(n_layers: int) -> list[int]:
 # ----------------------------------------------------------------------------- contrastive loss
 
 
-def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
-    """(B,) fp32 sum of the log-probs of the label tokens (positions != IGNORE), not length-normalised.
+def sequence_logprobs(
+    ctx: RunContext, batch: Batch, labels: Sequence[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """Per label set, (B,) fp32 sums of the log-probs of its label tokens (positions != IGNORE), not
+    length-normalised, from ONE forward of ``batch`` that unembeds only the positions some label set reads.
 
-    ``shift=True`` is teacher forcing: the logits at t score the token at t + 1. ``shift=False`` scores
-    the token at t with the logits at t (only the reference-parity loss wants that).
+    ``labels`` None: the batch's own labels, teacher-forced (the logits at t score the token at t + 1).
+    Otherwise (B, W) label sets scored without the shift, the logits at t scoring the token at t (only the
+    reference-parity loss wants that; its prompt-only input serves both of its label sets).
     """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    b, t, v = logits.shape
-    nll = F.cross_entropy(
-        logits.float().reshape(b * t, v), labels.reshape(b * t), ignore_index=IGNORE, reduction="none"
-    )
-    return -nll.view(b, t).sum(dim=1)
+    if labels is None:
+        rows, cols, targets = label_positions(batch["labels"])
+        scored = [(rows, cols, targets)]
+        at = (rows, cols)
+    else:
+        at = torch.nonzero(torch.stack([y != IGNORE for y in labels]).any(0), as_tuple=True)
+        scored = [(at[0], at[1], y[at]) for y in labels]
+    logp = forward_at(ctx, batch, *at, model=None)[0].float().log_softmax(-1)
+    b = batch["attention_mask"].shape[0]
+    out = []
+    for rows, _, targets in scored:
+        keep = targets != IGNORE  # all of them when teacher-forced; the parity sets read part of the union
+        lp = logp[keep].gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        out.append(torch.zeros(b, device=lp.device).index_add(0, rows[keep], lp))
+    return out
 
 
 def _parity_logprobs(
@@ -98,9 +111,8 @@ def _parity_logprobs(
         labels[1, i, : len(h.labels)] = torch.tensor(h.labels)
     labels[labels == eos] = IGNORE
     batch = {"input_ids": ids.to(ctx.device), "attention_mask": mask.to(ctx.device)}
-    logits = ctx.forward(batch).logits
-    labels = labels.to(ctx.device)
-    return sequence_logprob(logits, labels[0], shift=False), sequence_logprob(logits, labels[1], shift=False)
+    lp_safe, lp_harm = sequence_logprobs(ctx, batch, list(labels.to(ctx.device)))
+    return lp_safe, lp_harm
 
 
 def contrastive_loss(
@@ -109,15 +121,15 @@ def contrastive_loss(
     """L_c = −mean_i log σ((log p(y_safe,i | q_i) − log p(y_harm,i | q_i)) / T), no reference model.
 
     ``safe[i]`` and ``harm[i]`` are the same prompt rendered with the refusal and with the compliant
-    response. Default: two teacher-forced forwards (prompt+y_safe, prompt+y_harm) with shifted labels.
-    ``parity=True``: the released code's loss instead (see ``_parity_logprobs``).
+    response. Default: teacher-forced log-probs of prompt+y_safe and prompt+y_harm, both in ONE forward (the
+    rows are independent: batching them changes rounding only), the unembedding run only at the response
+    positions. ``parity=True``: the released code's loss instead (see ``_parity_logprobs``).
     """
     if parity:
         lp_safe, lp_harm = _parity_logprobs(ctx, safe, harm)
     else:
-        b_safe, b_harm = ctx.batch(list(safe)), ctx.batch(list(harm))
-        lp_safe = sequence_logprob(ctx.forward(b_safe).logits, b_safe["labels"])
-        lp_harm = sequence_logprob(ctx.forward(b_harm).logits, b_harm["labels"])
+        (lp,) = sequence_logprobs(ctx, ctx.batch([*safe, *harm]))
+        lp_safe, lp_harm = lp[: len(safe)], lp[len(safe) :]
     return -F.logsigmoid((lp_safe - lp_harm) / temperature).mean()
 
 
@@ -164,9 +176,14 @@ class SAP(Defense):
     paper and code), so a long refusal against a short opener biases Δ toward the opener; the direction
     still points from refusing to complying, but length-matched pairs give a cleaner one.
 
-    Cost (grad_accum = 1): 3 F+B per step; counted as ``passes/forward = 4`` (two contrastive forwards,
-    one at W + ΔW, one at W; 3 in parity mode) and ``passes/backward = 3``. Extra memory: two
-    trainable-sized copies (ΔW and the saved W).
+    Cost (grad_accum = 1): 3 F+B per step, counted as ``passes/forward = 3`` (the contrastive pass, with
+    the safe and the harmful rows batched in one forward, as in parity mode; one pass at W + ΔW whose
+    backward reaches only V; one at W, SFT's own pass) and ``passes/backward = 3``. The contrastive pass and
+    the pass at W + ΔW unembed only the response positions their losses read (``packing.forward_at``: the
+    unembedding is ~1/5 of a pass on a 49k vocabulary). [ours] Both change the cost, not the objective: loss
+    and gradients agree with separate full-logit forwards to rounding (``tests/unit/test_perf_equivalence.py``). With
+    ``grad_accum = k``: the contrastive pass once per optimizer step, 2 F+B per micro-batch. Extra memory:
+    two trainable-sized copies (ΔW and the saved W).
 
     Decisions and pitfalls handled:
       * The probe lives on the defense, not in the model: hooks (by decoder index; a block without ``.mlp``
@@ -273,11 +290,11 @@ class SAP(Defense):
             self._delta, self._nominal = self._harmful_shift(ctx, params)
         # V's gradient at W + ΔW (for V only: ctx.grad keeps it away from the optimizer).
         with shifted(params, self._delta, check=self._nominal):
-            grads = ctx.grad(ctx.forward(batch).loss, probe)
+            grads = ctx.grad(task_loss(ctx, batch), probe)
         prev = self._gv_shifted or [torch.zeros_like(v) for v in probe]
         self._gv_shifted = [a + g.float() / k for a, g in zip(prev, grads, strict=True)]
         # The clean pass with V_t: W's gradient for the loop's optimizer; V.grad receives ∂CE/∂V / k.
-        task = ctx.forward(batch).loss
+        task = ctx.forward(batch).loss  # SFT's own pass: at V = 0 this step is SFT's exactly
         ctx.backward(task)
         if ctx.last_micro:  # V moves once per optimizer step, from g_V averaged over its micro-batches
             self._update_probe()

@@ -16,11 +16,10 @@ from torch import nn
 from safeft.config import DefenseConfig
 from safeft.context import RunContext
 from safeft.data.chat import Rendered, last_prompt_index
-from safeft.hooks import unembedding_input
 from safeft.methods.anchors import AnchorSet, Outputs, Part, Request, Segment, anchor_step, packs, require, terms_alone
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import register
-from safeft.models import ModelError
+from safeft.packing import forward_at
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +46,10 @@ def final_states(ctx: RunContext, model: nn.Module, batch: Batch) -> torch.Tenso
     ``model`` is the module to run (``ctx.model``, or the reference from ``ctx.reference()``); the forward
     is counted through ``ctx.forward``.
     """
-    with unembedding_input(ctx.accelerator.unwrap_model(model)) as seen:
-        ctx.forward(batch, model=model)
-    if len(seen) != 1:
-        raise ModelError(f"the output embeddings ran {len(seen)} times in one forward; expected exactly once")
-    h = seen[0]
-    if h.shape[:2] != batch["input_ids"].shape:
-        # e.g. a model that only unembeds the last position: the gather below would read wrong tokens
-        raise ModelError(
-            f"the unembedding saw hidden states of shape {tuple(h.shape)} for a batch of "
-            f"{tuple(batch['input_ids'].shape)}; SBR needs every position"
-        )
+    none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    # the unembedding runs at no position (SBR reads its input, not the logits); forward_at checks that every
+    # position reached it, e.g. not a model that only unembeds the last position
+    h = forward_at(ctx, batch, none, none, model=model)[1]
     idx = last_prompt_index(batch)
     return h[torch.arange(h.shape[0], device=h.device), idx].float()
 
