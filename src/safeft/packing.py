@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safeft.data.chat import IGNORE
-from safeft.hooks import hooked, unembedding_input
+from safeft.hooks import eval_mode, hooked, unembedding_input
 from safeft.models import ModelError
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,13 @@ def task_loss(ctx, batch: Batch, model: nn.Module | None = None) -> torch.Tensor
     return F.cross_entropy(forward_at(ctx, batch, rows, cols, model)[0].float(), targets)
 
 
+@contextlib.contextmanager
+def _no_grad(model: nn.Module) -> Iterator[nn.Module]:
+    # eval mode too: dropout (LoRA's) would make the packed and the plain pass differ by more than rounding
+    with torch.no_grad(), eval_mode(model):
+        yield model
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in fp64 (0 when both are 0)."""
     a, b = a.double(), b.double()
@@ -318,24 +325,33 @@ def tolerance(precision: str) -> float:
     return 5e-2 if precision == "bf16" else 1e-4
 
 
-def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: str) -> bool:
-    """Whether packing ``segments`` (rendered rows) into the run's first task rows reproduces plain passes.
+def packing_works(
+    ctx,
+    segments: Sequence,
+    share: bool | Sequence[bool],
+    who: str,
+    hosts: Sequence | None = None,
+    model: nn.Module | None = None,
+) -> bool:
+    """Whether packing ``segments`` (rendered rows) into ``hosts`` (default: the run's first task rows)
+    reproduces plain passes.
 
-    Checked once, in setup, on the reference: the final (unembedding-input) states at every real position
-    of the task rows and of the segments, packed against plain right-padded batches. Returns False, with a
-    warning that names the reason, when the model cannot take a custom mask or the states disagree by more
-    than rounding; the caller then keeps its separate passes.
+    Checked once, in setup, on the reference (or on ``model`` without grad, e.g. θ for a defense that keeps
+    no reference): the final (unembedding-input) states at every real position of the host rows and of the
+    segments, packed against plain right-padded batches. Returns False, with a warning that names the reason,
+    when the model cannot take a custom mask or the states disagree by more than rounding; the caller then
+    keeps its separate passes.
     """
-    model = ctx.unwrapped
-    fmt = attention_format(model)
-    if fmt is None or not ctx.task_rows:
+    fmt = attention_format(ctx.unwrapped)
+    hosts = list(ctx.task_rows[: ctx.cfg.train.batch_size] if hosts is None else hosts)
+    if fmt is None or not hosts:
         why = "no task rows to check it on" if fmt is not None else "its attention takes no custom 4-D mask"
-        log.warning("%s: anchors run in a separate forward (%s)", who, why)
+        log.warning("%s: its extra rows run in a separate forward (%s)", who, why)
         return False
-    if model.get_output_embeddings() is None:
-        log.warning("%s: anchors run in a separate forward (the model has no output embeddings to check at)", who)
+    if ctx.unwrapped.get_output_embeddings() is None:
+        log.warning("%s: its extra rows run in a separate forward (no output embeddings to check at)", who)
         return False
-    host = ctx.batch(ctx.task_rows[: ctx.cfg.train.batch_size], "right")
+    host = ctx.batch(hosts, "right")
     alone = ctx.batch(list(segments), "right")
     packed = pack(
         host,
@@ -344,8 +360,9 @@ def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: st
         share=share,
         fmt=fmt,
     )
-    # the module that runs: the same network under LoRA, a frozen copy under full fine-tuning
-    with ctx.reference() as ref, unembedding_input(ref) as seen:
+    # the module that runs: the same network under LoRA, a frozen copy under full fine-tuning (or the one given,
+    # e.g. θ for a defense without a reference)
+    with ctx.reference() if model is None else _no_grad(model) as ref, unembedding_input(ref) as seen:
         for b in (packed.batch, host, alone):
             ctx.forward(b, model=ref)
     got, task, seg = (x.float() for x in seen)
@@ -354,13 +371,13 @@ def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: st
     got_seg = torch.cat([packed.take(got, j, torch.arange(len(r.input_ids))) for j, r in enumerate(segments)])
     err_seg = relative_error(got_seg, seg[alone["attention_mask"].bool()])
     tol = tolerance(ctx.accelerator.mixed_precision)
-    log.info("%s: packed vs plain passes: relative error %.1e (anchors), %.1e (task rows)", who, err_seg, err_task)
+    log.info("%s: packed vs plain passes: relative error %.1e (packed rows), %.1e (hosts)", who, err_seg, err_task)
     if max(err_seg, err_task) > tol:
         log.warning(
-            "%s: %s does not reproduce a plain pass with anchors packed into the task batch (relative error %.2g "
-            "anchors, %.2g task rows > %.0e); anchors run in a separate forward",
+            "%s: %s does not reproduce a plain pass with rows packed into the host batch (relative error %.2g "
+            "packed rows, %.2g hosts > %.0e); its extra rows run in a separate forward",
             who,
-            type(model).__name__,
+            type(ctx.unwrapped).__name__,
             err_seg,
             err_task,
             tol,
