@@ -8,9 +8,16 @@ differ only in what they read and how they score it. So a defense in this family
 
 * ``segments(ctx, batch, rows) -> Request``: the sequences it wants run this micro-batch (``Segment``: token
   ids, or ids with input embeddings of its own such as SAFT's emb + δ*), what it wants captured of the pass
-  (decoder block outputs, the unembedding input, logits) and any data its terms will need back;
+  (decoder block outputs, the unembedding input, the logits at the positions it names) and any data its
+  terms will need back;
 * ``terms(ctx, out) -> {name: weighted loss}``: its loss terms, given the pass's ``Outputs``, whose ``take``
-  finds the part's segments in it.
+  finds the part's segments in it;
+* optionally ``after_backward(ctx)``: state carried across steps, updated from the gradients the step's
+  backward left on its segments' inputs (SAFT's free PGD).
+
+A pass runs the unembedding only at the positions some term reads (``packing.forward_at``): the logits a
+part named, and every task position for the task CE (as SFT's own step does). A segment should end at the
+last position its terms read: under the causal mask nothing read depends on what follows.
 
 ``anchor_step`` runs a list of parts for one micro-batch. Packed (``safeft.packing``): every part's segments
 ride in the task forward (one wider forward with the union of the captures, one backward of the fp32 sum of

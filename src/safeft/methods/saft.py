@@ -18,7 +18,8 @@ Hyperparameters (``defense.*``): ``lam`` λ = 0.5 (sweep 0.1-1.0; 0 = exactly SF
 ``pgd_alpha`` = ε/2 (ε if K = 1), ``n_anchors`` = 64 (64-512), ``anchor_batch`` = 2 (spec: = task batch; see config),
 ``ref_max_new_tokens`` = 16 (16-64), ``kl_topk`` = 64 (0 = full vocabulary), ``kl_on`` = anchor
 (anchor | task | both), ``random_init`` = true, ``fuse`` = true ([ours]: the outer pass rides in the
-task forward; false = a separate adversarial pass, same objective).
+task forward; false = a separate adversarial pass, same objective), ``pgd_mode`` = exact (exact | free;
+free = the amortised PGD below, [ours], anchor KL only).
 
 Data: harmful prompts without responses (aux ``harmful_prompts``); y_ref comes from the reference itself,
 so no human labels and no harmful text are needed. Reference: the adapter-disabled model under LoRA (0
@@ -32,6 +33,27 @@ backwards: 4 and 4 at K = 3 (5 and 5 unfused). ``kl_on=task`` adds one reference
 batch; ``both`` does the anchor and the task part; neither is packed. Setup: one greedy generation of
 ``n_anchors`` answers, one reference forward over them, and the packing check (three reference forwards;
 a model that fails it keeps the separate pass, with a warning).
+
+What runs is only what the KL reads (same objective; ``tests/unit/test_perf_equivalence.py`` checks loss,
+gradients and δ* against full passes): a KL row stops after its last response position whose logits are
+read (its final token is only ever a target: one position less per row, in every PGD pass and in the
+outer pass), and the unembedding (d x vocabulary, ~1/5 of a pass on SmolLM2's 49k vocabulary) runs only
+at the response positions (16 of ~60 per anchor row at the default ``ref_max_new_tokens``), in PGD, in
+the outer pass and in the reference's forwards. The task's own CE is unembedded at every position, as in SFT.
+
+Amortised PGD, ``pgd_mode=free`` [ours, off by default; after "Adversarial Training for Free!", Shafahi et
+al., NeurIPS 2019]: δ is carried per anchor row across steps, in the defense's checkpointed state (~6.6 MB
+at 64 anchors on SmolLM2-135M, so a resumed run continues with the same δ). Each use of a row measures the
+KL at its carried δ in the outer pass and takes ONE normalised ascent step, projected per token, from the
+gradient that the step's own backward leaves on δ (λ · ∂KL/∂δ, the same direction); there is no PGD pass.
+A step is 1 forward + 1 backward packed (2 + 2 unfused), positions ≈ the outer pass alone. What changes
+against exact PGD: δ is stale (it was fitted to θ at the row's previous uses, one step behind the current
+use's gradient); each use adds one ascent step instead of K fresh ones from a random start, so the attack
+builds up over a row's uses (a row recurs every n_anchors / anchor_batch steps: 32 at the defaults); the
+ascent gradient comes from the training pass (dropout on), not from an eval-mode pass. On a fixed model the
+KL at the carried δ rises use after use, to the order of exact PGD's K = 3 attack within a few uses
+(``tests/unit/test_saft_free.py``); its effect on ASR and utility against exact PGD is to be measured on
+the embedded model (issue 19).
 
 [inferred] design choices, each a knob or stated here:
 * Perturbation site: the input embeddings of the anchor's *prompt* tokens (chat-template tokens
@@ -53,7 +75,8 @@ a model that fails it keeps the separate pass, with a warning).
 
 Code: each KL is an anchor-family part (``methods.anchors``, ``AdversarialKL``): its segments are the rows
 under attack (PGD runs when they are asked for), its term the KL on their response positions. ``anchor_step``
-runs them packed into the task forward or each in its own pass (``backward="each"``: one backward per pass).
+runs them packed into the task forward or each in its own pass (``backward="each"``: one backward per pass);
+free PGD's ascent step runs in the part's ``after_backward``.
 """
 
 from __future__ import annotations

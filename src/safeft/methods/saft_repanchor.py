@@ -25,8 +25,13 @@ spec's pseudo-code: RepAnchor anchors the clean representations while the KL is 
 cheaper variant (K = 1, one shared clean pass) is not implemented. [ours] With ``fuse`` (the default) both
 ride in the task forward (``safeft.packing``: the attacked rows as embeddings, the clean rows reading the
 template prefix from a task row), so a step is K + 1 forwards and K + 1 backwards (4 and 4 at K = 3,
-instead of 6 and 6): 1.89x SFT's step time on SmolLM2, batch 8, 2 CPU cores (2.36x unfused).
-``kl_on=task|both`` keeps every pass separate (the task rows cannot ride in themselves).
+instead of 6 and 6): 1.89x SFT's step time on SmolLM2, batch 8, 2 CPU cores (2.36x unfused), measured
+before the unembedding was restricted to the positions each term reads (SAFT's KL positions only; none of
+RepAnchor's, which reads block outputs) and the KL rows were cut after their last read position (see
+``methods.saft``). ``kl_on=task|both`` keeps every pass separate (the task rows cannot ride in themselves).
+With ``pgd_mode=free`` ([ours], ``methods.saft``) δ is carried per anchor row and takes its ascent step from
+the packed backward: a step is ONE forward and ONE backward (positions: the task batch plus both anchor
+rows once), and the checkpoint holds the carried δ beside y_ref and the drift state.
 
 Code: the composition of SAFT's and RepAnchor's anchor-family parts (``methods.anchors``) on this defense's
 one anchor set: ``anchor_step`` hands both the same rows. It imports the two methods it composes, and only

@@ -201,6 +201,10 @@ class SAP(Defense):
         rows come from the shared chat renderer, so the released template details (system prompt, no
         generation prompt in the prompt part, so the assistant header was scored) are not reproduced
         [inferred].
+      * ``fuse`` = true [ours]: in the one contrastive forward each harmful row reads the states of the
+        prompt it shares with its safe row instead of recomputing them (``safeft.packing``; checked once in
+        setup on θ in eval mode, a model that fails keeps plain batching, with a warning, and a resumed run
+        keeps its first verdict). false = the safe and harmful rows batched plainly. Same loss either way.
 
     Data: aux ``contrastive`` (prompt, response = refusal, ``meta["harmful_response"]`` = a compliance
     opener), cycled through a checkpointed stream. The log-probs are summed, not length-normalised (as the
@@ -208,7 +212,8 @@ class SAP(Defense):
     still points from refusing to complying, but length-matched pairs give a cleaner one.
 
     Cost (grad_accum = 1): 3 F+B per step, counted as ``passes/forward = 3`` (the contrastive pass, with
-    the safe and the harmful rows batched in one forward, as in parity mode; one pass at W + ΔW whose
+    the safe and the harmful rows in one forward, as in parity mode, the harmful rows adding only their
+    response tokens with ``fuse``; one pass at W + ΔW whose
     backward reaches only V; one at W, SFT's own pass) and ``passes/backward = 3``. The contrastive pass and
     the pass at W + ΔW unembed only the response positions their losses read (``packing.forward_at``: the
     unembedding is ~1/5 of a pass on a 49k vocabulary). [ours] Both change the cost, not the objective: loss

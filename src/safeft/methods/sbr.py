@@ -89,11 +89,15 @@ class SBR(Defense, Part):
     padding, widen it only as needed, and read the chat template's system prompt and user header from a
     task row instead of recomputing it (anchors add only their own tokens: 148 of 348 for the 8 default
     anchors on SmolLM2, ~+12 % positions on batch-8 finance rows, 1.08x SFT's step time on 2 CPU cores).
-    Logged as ``passes/forward = 1``, ``passes/backward = 1`` and ``positions`` per step. Setup: one
-    reference forward for ``h_ref`` plus the packing check (three reference forwards on the first task
-    rows). With ``fuse`` false, or where the check fails: a separate forward over the N anchors
-    (``passes/forward = 2``), which on a small model costs far more than its tokens (1.53x SFT measured:
-    every pass pays the same per-layer overhead).
+    The term reads the unembedding's input at each anchor's last prompt position and nothing after it: an
+    anchor row is its prompt alone, ending at the generation prompt, so there is nothing to cut; it reads no
+    logits, so the unembedding (~1/5 of a pass per position on a 49k vocabulary) skips the anchor positions
+    (``packing.forward_at``; the task's own CE is unembedded at every position, as in SFT). Logged as
+    ``passes/forward = 1``, ``passes/backward = 1`` and ``positions`` per step. Setup: one reference forward
+    for ``h_ref`` plus the packing check (three reference forwards on the first task rows). With ``fuse``
+    false, or where the check fails: a separate forward over the N anchors (``passes/forward = 2``), which
+    on a small model costs far more than its tokens (1.53x SFT measured: every pass pays the same per-layer
+    overhead).
 
     Pitfalls handled:
       * The hidden state is taken with a pre-hook on ``get_output_embeddings()`` (the ``lm_head`` input),
