@@ -129,11 +129,12 @@ def test_packed_and_separate_free_steps_give_the_same_terms_and_the_same_next_de
     assert relative_error(da, db) < 1e-4 and da.norm() > 0
 
 
-@pytest.mark.parametrize("name", ["saft", "saft+repanchor"])
-def test_free_pgd_runs_packed_at_one_forward_and_one_backward(tmp_path, tiny, name):
+@pytest.mark.parametrize(("name", "lora"), [("saft", True), ("saft+repanchor", True), ("saft+repanchor", False)])
+def test_free_pgd_runs_packed_at_one_forward_and_one_backward(tmp_path, tiny, name, lora):
+    # full fine-tuning too: the embeddings then train, so the ball is re-measured at every use
     model, tok = tiny
     extra = ("defense.n_probe=8",) if name == "saft+repanchor" else ()
-    cfg = _cfg(tmp_path, f"defense.name={name}", "train.steps=3", *FREE, *extra)
+    cfg = _cfg(tmp_path, f"defense.name={name}", "train.steps=3", f"model.lora.enabled={lora}", *FREE, *extra)
     res = train(cfg, examples=EXAMPLES, model=model, tokenizer=tok, aux=AUX, progress=False)
     for r in res.metrics:
         assert (r["passes/forward"], r["passes/backward"]) == (1, 1)

@@ -228,7 +228,7 @@ def adversarial_logits(ctx: RunContext, batch: Batch, emb: torch.Tensor, delta: 
     unembedding at the response positions only.
     """
     rows, cols, _ = label_positions(batch["labels"])
-    width = int(cols.max()) + 1
+    width = int(cols.max()) + 1 if len(cols) else batch["labels"].shape[1]
     embeds = (emb.float() + delta)[:, :width].to(emb.dtype)
     inputs = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"][:, :width]}
     return forward_at(ctx, inputs, rows, cols)[0]
@@ -325,7 +325,9 @@ class AdversarialKL(Part):
         ids = rows_batch["input_ids"]
         # the positions whose logits the KL reads; nothing after the last of them is needed (causal mask)
         positions = [torch.nonzero(y[1:] != IGNORE).squeeze(1) for y in rows_batch["labels"]]
-        segs = [Segment(ids[i, : int(t[-1]) + 1], adv[i, : int(t[-1]) + 1]) for i, t in enumerate(positions)]
+        lengths = rows_batch["attention_mask"].sum(1).tolist()
+        ends = [int(t[-1]) + 1 if len(t) else n for t, n in zip(positions, lengths, strict=True)]
+        segs = [Segment(ids[i, :n], adv[i, :n]) for i, n in enumerate(ends)]
         return Request(segs, logits=positions, data=target)
 
     def terms(self, ctx: RunContext, out: Outputs) -> dict[str, torch.Tensor]:
