@@ -196,8 +196,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_length(args: argparse.Namespace, length: str) -> None:
-    for m in args.methods:
-        parse_method(m)  # exits on an unknown name before anything runs
+    for m in args.methods:  # an unknown name or option exits before anything runs
+        name, options = parse_method(m)
+        if options:
+            try:
+                C.load(overrides=[f"defense.name={name}", *options, *_required(name, args.base_model)])
+            except C.ConfigError as e:
+                raise SystemExit(f"method {m!r}: {e}") from None
     methods = ["sft"] + [m for m in args.methods if m != "sft"]  # SFT first: everything is a ratio to it
 
     examples = load_domain("finance", "train")
