@@ -13,6 +13,11 @@ passes.
     .venv/bin/python benchmarks/step_cost.py --tiny                        # quick check, tiny random model
     .venv/bin/python benchmarks/step_cost.py --methods sft saft repanchor  # SmolLM2-135M (the default)
     .venv/bin/python benchmarks/step_cost.py --lengths demo long           # the demo's rows and ~512-token rows
+    .venv/bin/python benchmarks/step_cost.py --methods sbr saft+repanchor saft+repanchor:pgd_mode=free
+
+A method is a registered name, optionally with ``:key=value,key=value`` defense overrides, measured as a row of
+its own: ``saft+repanchor:pgd_mode=free`` is SAFT+RepAnchor with the amortised PGD, beside exact PGD's
+``saft+repanchor`` in the same run (the default list has both).
 
 Two task lengths: ``demo`` is the demo's finance rows (~105 tokens each); ``long`` joins consecutive finance
 rows into realistic instruction-tuning rows of about 512 tokens (``data.max_length`` 576), where a defense's
@@ -33,6 +38,7 @@ import gc
 import importlib
 import json
 import logging
+import re
 import statistics
 import sys
 import tempfile
@@ -65,6 +71,8 @@ from safeft.data.domains import load_domain  # noqa: E402
 from safeft.methods import METHODS  # noqa: E402
 from safeft.testing import save_tiny_model  # noqa: E402
 from safeft.train import train  # noqa: E402
+
+FREE_PGD = "saft+repanchor:pgd_mode=free"  # the amortised PGD option, measured beside exact PGD
 
 
 def cpu_features() -> str:
@@ -105,6 +113,18 @@ def long_rows(examples: list, target_tokens: int = 512, tok=None) -> list:
     return out
 
 
+def parse_method(spec: str) -> tuple[str, list[str]]:
+    """``name[:key=value,...]`` -> (registered name, ``defense.key=value`` overrides); unknown names exit."""
+    name, _, opts = spec.partition(":")
+    if name not in METHODS:
+        raise SystemExit(f"unknown method {name!r} in {spec!r}; registered: {', '.join(METHODS)}")
+    pairs = [kv for kv in opts.split(",") if kv]
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise SystemExit(f"method {spec!r}: options are key=value, got {bad}")
+    return name, [f"defense.{kv}" for kv in pairs]
+
+
 def _required(method: str, base: str) -> list[str]:
     """Overrides a method cannot run without, read from its Config's fields: a post-hoc method that compares
     the model with its unaligned base (Safe LoRA) gets ``--base-model``."""
@@ -115,6 +135,7 @@ def _required(method: str, base: str) -> list[str]:
 def _measure(
     method: str, spec: str, args: argparse.Namespace, examples: list, root: Path, base: str, run_id: str = ""
 ) -> dict:
+    name, options = parse_method(method)
     cfg = C.load(
         overrides=[
             f"model.spec={spec}",
@@ -122,11 +143,13 @@ def _measure(
             f"train.steps={args.warmup + args.steps}",
             f"train.batch_size={args.batch_size}",
             f"train.precision={args.precision}",
-            f"defense.name={method}",
+            f"defense.name={name}",
+            *options,
             f"out_dir={root / 'runs'}",
-            f"run_id={run_id or method}",  # a fresh directory: an existing one would be resumed
+            # a fresh directory: an existing one would be resumed
+            f"run_id={run_id or re.sub(r'[^A-Za-z0-9_.+-]', '-', method)}",
             f"data.max_length={args.max_length}",
-            *_required(method, base),
+            *_required(name, base),
         ]
     )
     print(f"measuring {method} ({args.warmup} + {args.steps} steps) ...", file=sys.stderr, flush=True)
@@ -149,7 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model spec (alias, directory, .gguf, hub id)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"default: all ({', '.join(METHODS)})")
+    default = [*METHODS, FREE_PGD]
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=default,
+        help=f"name[:key=value,...]; default: all, and SAFT+RepAnchor with the amortised PGD ({', '.join(default)})",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead of --model (quick check)")
@@ -167,9 +196,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_length(args: argparse.Namespace, length: str) -> None:
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; registered: {', '.join(METHODS)}")
+    for m in args.methods:  # an unknown name or option exits before anything runs
+        name, options = parse_method(m)
+        if options:
+            try:
+                C.load(overrides=[f"defense.name={name}", *options, *_required(name, args.base_model)])
+            except C.ConfigError as e:
+                raise SystemExit(f"method {m!r}: {e}") from None
     methods = ["sft"] + [m for m in args.methods if m != "sft"]  # SFT first: everything is a ratio to it
 
     examples = load_domain("finance", "train")
@@ -204,11 +237,11 @@ def run_length(args: argparse.Namespace, length: str) -> None:
     )
     pos = results["sft"]["positions"]
     head = "| s/step | SFT s/step around it | ratio to SFT | fwd/step | bwd/step | positions/step (x SFT) |"
-    print(f"| {'method':<16} {head}")
-    print(f"|{'-' * 18}|--------|----------------------|--------------|----------|----------|------------------------|")
+    print(f"| {'method':<30} {head}")
+    print(f"|{'-' * 32}|--------|----------------------|--------------|----------|----------|------------------------|")
     for m, r in results.items():
         print(
-            f"| {m:<16} | {r['s_per_step']:6.3f} | {local[m]:20.3f} | {r['s_per_step'] / local[m]:12.2f} "
+            f"| {m:<30} | {r['s_per_step']:6.3f} | {local[m]:20.3f} | {r['s_per_step'] / local[m]:12.2f} "
             f"| {r['fwd']:8.1f} | {r['bwd']:8.1f} | {r['positions']:14.0f} ({r['positions'] / pos:4.2f}) |"
         )
     if len(sft_times) > 1:

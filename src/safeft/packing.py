@@ -19,19 +19,31 @@ same tokens. Everything is exact in real arithmetic; in floating point the kerne
 results match a plain pass to rounding (fp32 ~1e-6). ``packing_works`` measures that on the real model before a
 defense relies on it: an architecture that ignores a custom 4-D mask or explicit position ids fails the
 check, and the defense then runs its anchors in a separate pass (same objective, slower) and says so.
+
+``forward_at`` is the other half of a cheap pass: the unembedding (d x vocabulary, ~1/5 of SmolLM2-135M's
+forward per position, plus the fp32 softmax over the vocabulary behind it) runs only at the positions a
+loss reads: SAFT's KL positions, none of SBR's or RepAnchor's anchor positions, every task position for the
+task CE (as SFT's own step does, so a ratio to SFT measures what a defense adds). The model's own forward
+still runs (final-logit soft-capping and the like apply); its output embeddings just receive the gathered
+states. ``task_loss`` is the task CE unembedded at the response positions only (for a defense's extra
+passes): the mean over the same tokens as transformers' loss, the same value and gradient to rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from safeft.data.chat import IGNORE
-from safeft.hooks import unembedding_input
+from safeft.hooks import eval_mode, hooked, unembedding_input
+from safeft.models import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +220,95 @@ def pack(
     return Packed(batch, placements, len(lengths))
 
 
+# ----------------------------------------------------------------------------- logits only where a loss reads them
+
+
+@contextlib.contextmanager
+def unembedding_at(
+    model: nn.Module, rows: torch.Tensor, cols: torch.Tensor, shape: Sequence[int]
+) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, ``model``'s output embeddings run only at positions ``(rows[i], cols[i])`` of their
+    (B, W, d) input, (B, W) = ``shape``: a forward returns logits (N, V) in that order instead of (B, W, V).
+    Yields the full inputs the output embeddings received (the final, post-norm states), one per call. An
+    input of another shape (a model that unembeds only some positions) passes untouched, for the caller to see.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ModelError(
+            f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None); "
+            "its logits cannot be restricted to the positions a loss reads"
+        )
+    seen: list[torch.Tensor] = []
+
+    def make(_key: Any):
+        def gather(_module: nn.Module, args: tuple) -> tuple | None:
+            h = args[0]
+            seen.append(h)
+            if tuple(h.shape[:2]) != tuple(shape):
+                return None
+            return (h[rows.to(h.device), cols.to(h.device)], *args[1:])
+
+        return gather
+
+    with hooked([head], make, pre=True):
+        yield seen
+
+
+def forward_at(
+    ctx, batch: Batch, rows: torch.Tensor, cols: torch.Tensor, model: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A counted forward of ``batch`` (labels ignored: no loss is computed) through ``model`` (default θ)
+    whose unembedding runs only at ``(rows, cols)``: (logits (N, V) at those positions, in that order; the
+    final states (B, W, d) at every position). Raises where the model unembeds otherwise (e.g. only the last
+    position, or not through its output embeddings), since the logits would then belong to other positions.
+    """
+    net = ctx.unwrapped if model is None else ctx.accelerator.unwrap_model(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    x = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    with unembedding_at(net, rows, cols, x.shape[:2]) as seen:
+        out = ctx.forward(inputs, model=model)
+    if len(seen) != 1:
+        raise ModelError(f"the output embeddings ran {len(seen)} times in one forward; expected exactly once")
+    logits = out.logits
+    if seen[0].shape[:2] != x.shape[:2] or logits.dim() != 2 or logits.shape[0] != len(rows):
+        raise ModelError(
+            f"{type(net).__name__} unembedded hidden states of shape {tuple(seen[0].shape)} into logits of shape "
+            f"{tuple(logits.shape)} for a batch of {tuple(x.shape[:2])}; restricting the logits to {len(rows)} "
+            "positions needs every position to reach the output embeddings"
+        )
+    return logits, seen[0]
+
+
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, targets): the positions whose logits predict a label (column t scores label t + 1),
+    row-major (the order of ``logits[:, :-1][labels[:, 1:] != IGNORE]``), and those labels."""
+    nxt = labels[:, 1:]
+    rows, cols = torch.nonzero(nxt != IGNORE, as_tuple=True)
+    return rows, cols, nxt[rows, cols]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss exactly as transformers computes it from logits (B, T, V) at every position (fp32,
+    labels shifted by one, mean over the labelled tokens): the same numbers as ``model(**batch).loss``."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE)
+
+
+def task_loss(ctx, batch: Batch, model: nn.Module | None = None) -> torch.Tensor:
+    """``ctx.forward(batch).loss`` with the unembedding run only at the response positions, through ``model``
+    (default θ): the same mean over the same tokens, so the same value and gradient to rounding. For a
+    defense's extra passes (SAP's pass at W + ΔW); the task's own CE is computed as SFT computes it."""
+    rows, cols, targets = label_positions(batch["labels"])
+    return F.cross_entropy(forward_at(ctx, batch, rows, cols, model)[0].float(), targets)
+
+
+@contextlib.contextmanager
+def _no_grad(model: nn.Module) -> Iterator[nn.Module]:
+    # eval mode too: dropout (LoRA's) would make the packed and the plain pass differ by more than rounding
+    with torch.no_grad(), eval_mode(model):
+        yield model
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in fp64 (0 when both are 0)."""
     a, b = a.double(), b.double()
@@ -224,24 +325,33 @@ def tolerance(precision: str) -> float:
     return 5e-2 if precision == "bf16" else 1e-4
 
 
-def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: str) -> bool:
-    """Whether packing ``segments`` (rendered rows) into the run's first task rows reproduces plain passes.
+def packing_works(
+    ctx,
+    segments: Sequence,
+    share: bool | Sequence[bool],
+    who: str,
+    hosts: Sequence | None = None,
+    model: nn.Module | None = None,
+) -> bool:
+    """Whether packing ``segments`` (rendered rows) into ``hosts`` (default: the run's first task rows)
+    reproduces plain passes.
 
-    Checked once, in setup, on the reference: the final (unembedding-input) states at every real position
-    of the task rows and of the segments, packed against plain right-padded batches. Returns False, with a
-    warning that names the reason, when the model cannot take a custom mask or the states disagree by more
-    than rounding; the caller then keeps its separate passes.
+    Checked once, in setup, on the reference (or on ``model`` without grad, e.g. θ for a defense that keeps
+    no reference): the final (unembedding-input) states at every real position of the host rows and of the
+    segments, packed against plain right-padded batches. Returns False, with a warning that names the reason,
+    when the model cannot take a custom mask or the states disagree by more than rounding; the caller then
+    keeps its separate passes.
     """
-    model = ctx.unwrapped
-    fmt = attention_format(model)
-    if fmt is None or not ctx.task_rows:
+    fmt = attention_format(ctx.unwrapped)
+    hosts = list(ctx.task_rows[: ctx.cfg.train.batch_size] if hosts is None else hosts)
+    if fmt is None or not hosts:
         why = "no task rows to check it on" if fmt is not None else "its attention takes no custom 4-D mask"
-        log.warning("%s: anchors run in a separate forward (%s)", who, why)
+        log.warning("%s: its extra rows run in a separate forward (%s)", who, why)
         return False
-    if model.get_output_embeddings() is None:
-        log.warning("%s: anchors run in a separate forward (the model has no output embeddings to check at)", who)
+    if ctx.unwrapped.get_output_embeddings() is None:
+        log.warning("%s: its extra rows run in a separate forward (no output embeddings to check at)", who)
         return False
-    host = ctx.batch(ctx.task_rows[: ctx.cfg.train.batch_size], "right")
+    host = ctx.batch(hosts, "right")
     alone = ctx.batch(list(segments), "right")
     packed = pack(
         host,
@@ -250,8 +360,9 @@ def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: st
         share=share,
         fmt=fmt,
     )
-    # the module that runs: the same network under LoRA, a frozen copy under full fine-tuning
-    with ctx.reference() as ref, unembedding_input(ref) as seen:
+    # the module that runs: the same network under LoRA, a frozen copy under full fine-tuning (or the one given,
+    # e.g. θ for a defense without a reference)
+    with ctx.reference() if model is None else _no_grad(model) as ref, unembedding_input(ref) as seen:
         for b in (packed.batch, host, alone):
             ctx.forward(b, model=ref)
     got, task, seg = (x.float() for x in seen)
@@ -260,13 +371,13 @@ def packing_works(ctx, segments: Sequence, share: bool | Sequence[bool], who: st
     got_seg = torch.cat([packed.take(got, j, torch.arange(len(r.input_ids))) for j, r in enumerate(segments)])
     err_seg = relative_error(got_seg, seg[alone["attention_mask"].bool()])
     tol = tolerance(ctx.accelerator.mixed_precision)
-    log.info("%s: packed vs plain passes: relative error %.1e (anchors), %.1e (task rows)", who, err_seg, err_task)
+    log.info("%s: packed vs plain passes: relative error %.1e (packed rows), %.1e (hosts)", who, err_seg, err_task)
     if max(err_seg, err_task) > tol:
         log.warning(
-            "%s: %s does not reproduce a plain pass with anchors packed into the task batch (relative error %.2g "
-            "anchors, %.2g task rows > %.0e); anchors run in a separate forward",
+            "%s: %s does not reproduce a plain pass with rows packed into the host batch (relative error %.2g "
+            "packed rows, %.2g hosts > %.0e); its extra rows run in a separate forward",
             who,
-            type(model).__name__,
+            type(ctx.unwrapped).__name__,
             err_seg,
             err_task,
             tol,

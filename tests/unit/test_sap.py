@@ -165,7 +165,7 @@ def test_one_step_follows_the_equations_and_restores_w(tiny, tmp_path):
 
     ctx.passes = {"forward": 0, "backward": 0}
     out = d.step(ctx, batch)
-    assert ctx.passes == {"forward": 4, "backward": 3}
+    assert ctx.passes == {"forward": 3, "backward": 3}  # the safe and harmful rows share one forward
     assert all(torch.equal(p, x) for p, x in zip(params, w_t, strict=True)), "W must be restored exactly after W + ΔW"
     assert out.loss.item() == pytest.approx(clean.item(), abs=1e-6) and set(out.terms) == {"task"}
     for p, x in zip(params, gw_clean, strict=True):  # the optimizer gets ∇_W CE(W_t, V_t), nothing from the probe pass
@@ -206,8 +206,8 @@ def test_probe_stays_out_of_the_model_and_step_one_is_sft(tmp_path, tiny_dir):
     # V_0 = 0: the first update is plain SFT's; afterwards the probe changes the loss
     assert sap.metrics[0]["loss"] == sft.metrics[0]["loss"]
     assert sap.metrics[1]["loss"] != sft.metrics[1]["loss"]
-    # ΔW once per optimizer step (2 forwards + 1 backward), then 2 F+B per micro-batch
-    assert all(r["passes/forward"] == 6 and r["passes/backward"] == 5 for r in sap.metrics)
+    # ΔW once per optimizer step (1 forward of the safe and harmful rows + 1 backward), then 2 F+B per micro-batch
+    assert all(r["passes/forward"] == 5 and r["passes/backward"] == 5 for r in sap.metrics)
     saved = load_file(str(checkpoints(sap.run_dir)[-1] / "trainable.safetensors"))
     assert set(saved) == set(load_file(str(checkpoints(sft.run_dir)[-1] / "trainable.safetensors")))
     assert set(sap.model.state_dict()) == set(sft.model.state_dict())

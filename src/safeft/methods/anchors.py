@@ -8,9 +8,16 @@ differ only in what they read and how they score it. So a defense in this family
 
 * ``segments(ctx, batch, rows) -> Request``: the sequences it wants run this micro-batch (``Segment``: token
   ids, or ids with input embeddings of its own such as SAFT's emb + δ*), what it wants captured of the pass
-  (decoder block outputs, the unembedding input, logits) and any data its terms will need back;
+  (decoder block outputs, the unembedding input, the logits at the positions it names) and any data its
+  terms will need back;
 * ``terms(ctx, out) -> {name: weighted loss}``: its loss terms, given the pass's ``Outputs``, whose ``take``
-  finds the part's segments in it.
+  finds the part's segments in it;
+* optionally ``after_backward(ctx)``: state carried across steps, updated from the gradients the step's
+  backward left on its segments' inputs (SAFT's free PGD).
+
+A pass runs the unembedding only at the positions some term reads (``packing.forward_at``): the logits a
+part named, and every task position for the task CE (as SFT's own step does). A segment should end at the
+last position its terms read: under the causal mask nothing read depends on what follows.
 
 ``anchor_step`` runs a list of parts for one micro-batch. Packed (``safeft.packing``): every part's segments
 ride in the task forward (one wider forward with the union of the captures, one backward of the fp32 sum of
@@ -40,9 +47,8 @@ from safeft.config import ConfigError
 from safeft.context import RunContext, Stream
 from safeft.data.chat import IGNORE, Rendered
 from safeft.data.types import Example
-from safeft.hooks import capture, unembedding_input
+from safeft.hooks import capture
 from safeft.methods.base import Batch, StepOutput, backward_terms
-from safeft.models import ModelError
 from safeft.packing import Placement
 
 log = logging.getLogger(__name__)
@@ -177,16 +183,19 @@ class Request:
     segments: list[Segment]
     layers: Sequence[int] = ()  # decoder blocks whose outputs it reads (``Outputs.hidden``, 0-based)
     final: bool = False  # the unembedding input, post-norm, at every position (``Outputs.final``)
-    logits: bool = False  # logits at every position (``Outputs.logits``)
+    # per segment, the positions whose logits its terms read (``Outputs.logits``); None: no logits. The
+    # unembedding runs only there (``packing.forward_at``): at every position it would be ~1/5 of the pass.
+    logits: Sequence[torch.Tensor] | None = None
     data: Any = None  # anything the part's ``terms`` needs back (targets, rows), handed back untouched
 
 
 @dataclass
 class Outputs:
-    """What a part sees of the pass that ran its segments: the pass's full tensors and where its segments are.
+    """What a part sees of the pass that ran its segments: the pass's tensors and where its segments are.
 
-    ``logits`` (B, W, V), ``final`` (B, W, d) and ``hidden`` (layer -> (B, W, d)) are None / empty unless the
-    part's request asked for them (logits are always there in a packed pass: the task needs them).
+    ``final`` (B, W, d) and ``hidden`` (layer -> (B, W, d)) are the pass's full tensors, read with ``take``;
+    ``logits`` (N, V) are the logits at exactly the positions the request named, segment by segment in order.
+    Each is None / empty unless the part's request asked for it.
     """
 
     request: Request
@@ -228,6 +237,10 @@ class Part:
         """Weighted loss terms (with grad) from the pass that ran this micro-batch's request."""
         raise NotImplementedError
 
+    def after_backward(self, ctx: RunContext) -> None:
+        """Called once the step's backward has run: a part that carries state across steps reads the gradients
+        its segments' inputs received (SAFT's free PGD takes δ's ascent step here). Default: nothing."""
+
 
 def packs(ctx: RunContext, fuse: bool, parts: Sequence[Part], rows: list[Rendered], who: str) -> bool:
     """Whether ``parts`` ride in the task forward: asked for (``fuse``), every part can, and the model passes
@@ -259,8 +272,18 @@ def anchor_step(
     if backward not in BACKWARD:
         raise ValueError(f"backward must be one of {', '.join(BACKWARD)}, not {backward!r}")
     if packed:
-        return _packed_step(ctx, batch, parts, rows)
-    task = ctx.forward(batch).loss
+        out = _packed_step(ctx, batch, parts, rows)
+    else:
+        out = _separate_step(ctx, batch, parts, rows, backward)
+    for part in parts:
+        part.after_backward(ctx)
+    return out
+
+
+def _separate_step(
+    ctx: RunContext, batch: Batch, parts: Sequence[Part], rows: list[Rendered], backward: str
+) -> StepOutput:
+    task = ctx.forward(batch).loss  # the task's own pass: exactly SFT's
     if backward == "once":
         terms = {"task": task}
         for part in parts:
@@ -301,13 +324,13 @@ def forward_alone(ctx: RunContext, request: Request, model: nn.Module | None = N
         inputs["inputs_embeds"] = x
     else:
         inputs["input_ids"] = ids
-    # the unembedding runs on every position only when logits are kept at every position
-    kw = {} if request.logits or request.final else {"logits_to_keep": 1}
-    with _captured(net, request.layers, request.final) as (hidden, seen):
-        out = ctx.forward(inputs, model=model, **kw)
     placements = [Placement(i, 0, 0, n) for i, n in enumerate(lengths)]
-    final = _one(seen, ids.shape) if request.final else None
-    return Outputs(request, out.logits if request.logits else None, final, hidden, placements)
+    at_rows, at_cols = _logit_positions(request, placements, ctx.device)
+    with _captured(net, request.layers) as hidden:
+        logits, final = packing.forward_at(ctx, inputs, at_rows, at_cols, model=model)
+    return Outputs(
+        request, logits if request.logits is not None else None, final if request.final else None, hidden, placements
+    )
 
 
 # ----------------------------------------------------------------------------- internals
@@ -330,40 +353,50 @@ def _packed_step(ctx: RunContext, batch: Batch, parts: Sequence[Part], rows: lis
         segment_embeds=[s.embeds for s in segs],
     )
     layers = sorted({i for req in requests for i in req.layers})
-    with _captured(model, layers, any(req.final for req in requests)) as (hidden, seen):
-        out = ctx.forward(packed.batch)
-    x = packed.batch.get("input_ids", packed.batch.get("inputs_embeds"))
-    final = _one(seen, x.shape) if any(req.final for req in requests) else None
-    terms = {"task": out.loss}
+    # logits at every task position (what SFT's own step unembeds: the task CE is computed as SFT computes
+    # it), then only at the positions each part asked for, in order
+    n_task, width = batch["input_ids"].shape
+    grid = torch.arange(n_task * width, device=ctx.device)
+    at = [(grid // width, grid % width)]
     first = 0
-    for part, req in zip(parts, requests, strict=True):
-        where = packed.placements[first : first + len(req.segments)]
-        _add(terms, part.terms(ctx, Outputs(req, out.logits, final, hidden, where)))
+    for req in requests:
+        at.append(_logit_positions(req, packed.placements[first : first + len(req.segments)], ctx.device))
         first += len(req.segments)
+    at_rows, at_cols = (torch.cat(x) for x in zip(*at, strict=True))
+    with _captured(model, layers) as hidden:
+        logits, final = packing.forward_at(ctx, packed.batch, at_rows, at_cols)
+    terms = {"task": packing.causal_lm_loss(logits[: len(grid)].view(n_task, width, -1), batch["labels"])}
+    first, start = 0, len(grid)
+    for part, req, (r, _) in zip(parts, requests, at[1:], strict=True):
+        where = packed.placements[first : first + len(req.segments)]
+        mine = logits[start : start + len(r)] if req.logits is not None else None
+        _add(terms, part.terms(ctx, Outputs(req, mine, final if req.final else None, hidden, where)))
+        first, start = first + len(req.segments), start + len(r)
     return backward_terms(ctx, terms)
 
 
+def _logit_positions(
+    request: Request, placements: Sequence[Placement], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) in the pass of the positions ``request.logits`` names, segment by segment."""
+    rows, cols = [torch.zeros(0, dtype=torch.long, device=device)], [torch.zeros(0, dtype=torch.long, device=device)]
+    if request.logits is not None:
+        if len(request.logits) != len(placements):
+            raise ValueError(f"a request names logit positions for {len(request.logits)} of {len(placements)} segments")
+        for p, t in zip(placements, request.logits, strict=True):
+            t = t.to(device)
+            rows.append(torch.full_like(t, p.row))
+            cols.append(p.columns(t))
+    return torch.cat(rows), torch.cat(cols)
+
+
 @contextlib.contextmanager
-def _captured(
-    model: nn.Module, layers: Sequence[int], final: bool
-) -> Iterator[tuple[dict[int, torch.Tensor], list[torch.Tensor]]]:
-    with contextlib.ExitStack() as stack:
-        hidden = stack.enter_context(capture(model, list(layers))) if layers else {}
-        seen = stack.enter_context(unembedding_input(model)) if final else []
-        yield hidden, seen
-
-
-def _one(seen: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """The one unembedding input of a pass over a batch of ``shape`` (B, W, ...), checked."""
-    if len(seen) != 1:
-        raise ModelError(f"the output embeddings ran {len(seen)} times in one forward; expected exactly once")
-    if seen[0].shape[:2] != shape[:2]:
-        # e.g. a model that only unembeds the last position: reading other positions would be wrong
-        raise ModelError(
-            f"the unembedding saw hidden states of shape {tuple(seen[0].shape)} for a batch of "
-            f"{tuple(shape[:2])}; reading the final states needs every position"
-        )
-    return seen[0]
+def _captured(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    if not layers:
+        yield {}
+        return
+    with capture(model, list(layers)) as hidden:
+        yield hidden
 
 
 def _add(terms: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:

@@ -28,9 +28,12 @@ Data: harmful prompts without responses (aux ``harmful_prompts``) and the task p
 Cost per step: 1 F+B (task) + r F+B (clean anchor pass), r = anchor tokens / task tokens. With ``fuse``
 (the default, [ours]) the clean anchor rows ride in the task forward (``safeft.packing``), reading the chat
 template's prefix from a task row, so a step is ONE wider forward/backward; ``fuse=false`` runs them in a
-pass of their own (same objective). Every ``refresh_every`` steps one forward of θ over the probe set (the
-reference's probe samples are cached; the first refresh also computes them for the task half). Setup: one
-greedy generation over the anchors, one reference forward over anchors and probes.
+pass of their own (same objective). R reads the selected blocks' outputs at every token of a row but the
+first, so a row is needed whole (nothing to cut after its last read position, unlike SAFT's KL rows); it
+reads no logits, so the unembedding skips the anchor positions (``packing.forward_at``). Every
+``refresh_every`` steps one forward of θ over the probe set (the reference's probe samples are cached; the
+first refresh also computes them for the task half). Setup: one greedy generation over the anchors, one
+reference forward over anchors and probes.
 
 [inferred] design choices:
 * Anchor rows = harmful prompt + the reference's greedy answer y_ref (the same rows SAFT uses, so

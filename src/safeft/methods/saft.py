@@ -18,7 +18,8 @@ Hyperparameters (``defense.*``): ``lam`` λ = 0.5 (sweep 0.1-1.0; 0 = exactly SF
 ``pgd_alpha`` = ε/2 (ε if K = 1), ``n_anchors`` = 64 (64-512), ``anchor_batch`` = 2 (spec: = task batch; see config),
 ``ref_max_new_tokens`` = 16 (16-64), ``kl_topk`` = 64 (0 = full vocabulary), ``kl_on`` = anchor
 (anchor | task | both), ``random_init`` = true, ``fuse`` = true ([ours]: the outer pass rides in the
-task forward; false = a separate adversarial pass, same objective).
+task forward; false = a separate adversarial pass, same objective), ``pgd_mode`` = exact (exact | free;
+free = the amortised PGD below, [ours], anchor KL only).
 
 Data: harmful prompts without responses (aux ``harmful_prompts``); y_ref comes from the reference itself,
 so no human labels and no harmful text are needed. Reference: the adapter-disabled model under LoRA (0
@@ -32,6 +33,27 @@ backwards: 4 and 4 at K = 3 (5 and 5 unfused). ``kl_on=task`` adds one reference
 batch; ``both`` does the anchor and the task part; neither is packed. Setup: one greedy generation of
 ``n_anchors`` answers, one reference forward over them, and the packing check (three reference forwards;
 a model that fails it keeps the separate pass, with a warning).
+
+What runs is only what the KL reads (same objective; ``tests/unit/test_perf_equivalence.py`` checks loss,
+gradients and δ* against full passes): a KL row stops after its last response position whose logits are
+read (its final token is only ever a target: one position less per row, in every PGD pass and in the
+outer pass), and the unembedding (d x vocabulary, ~1/5 of a pass on SmolLM2's 49k vocabulary) runs only
+at the response positions (16 of ~60 per anchor row at the default ``ref_max_new_tokens``), in PGD, in
+the outer pass and in the reference's forwards. The task's own CE is unembedded at every position, as in SFT.
+
+Amortised PGD, ``pgd_mode=free`` [ours, off by default; after "Adversarial Training for Free!", Shafahi et
+al., NeurIPS 2019]: δ is carried per anchor row across steps, in the defense's checkpointed state (~6.6 MB
+at 64 anchors on SmolLM2-135M, so a resumed run continues with the same δ). Each use of a row measures the
+KL at its carried δ in the outer pass and takes ONE normalised ascent step, projected per token, from the
+gradient that the step's own backward leaves on δ (λ · ∂KL/∂δ, the same direction); there is no PGD pass.
+A step is 1 forward + 1 backward packed (2 + 2 unfused), positions ≈ the outer pass alone. What changes
+against exact PGD: δ is stale (it was fitted to θ at the row's previous uses, one step behind the current
+use's gradient); each use adds one ascent step instead of K fresh ones from a random start, so the attack
+builds up over a row's uses (a row recurs every n_anchors / anchor_batch steps: 32 at the defaults); the
+ascent gradient comes from the training pass (dropout on), not from an eval-mode pass. On a fixed model the
+KL at the carried δ rises use after use, to the order of exact PGD's K = 3 attack within a few uses
+(``tests/unit/test_saft_free.py``); its effect on ASR and utility against exact PGD is to be measured on
+the embedded model (issue 19).
 
 [inferred] design choices, each a knob or stated here:
 * Perturbation site: the input embeddings of the anchor's *prompt* tokens (chat-template tokens
@@ -53,7 +75,8 @@ a model that fails it keeps the separate pass, with a warning).
 
 Code: each KL is an anchor-family part (``methods.anchors``, ``AdversarialKL``): its segments are the rows
 under attack (PGD runs when they are asked for), its term the KL on their response positions. ``anchor_step``
-runs them packed into the task forward or each in its own pass (``backward="each"``: one backward per pass).
+runs them packed into the task forward or each in its own pass (``backward="each"``: one backward per pass);
+free PGD's ascent step runs in the part's ``after_backward``.
 """
 
 from __future__ import annotations
@@ -76,19 +99,18 @@ from safeft.methods.anchors import (
     Segment,
     anchor_step,
     check_anchor_fields,
-    inputs_only,
     packs,
     prompt_mask,
     require,
-    response_mask,
-    response_positions,
 )
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import register
+from safeft.packing import forward_at, label_positions
 
 log = logging.getLogger(__name__)
 
 KL_ON = ("anchor", "task", "both")
+PGD_MODES = ("exact", "free")
 
 
 @dataclass
@@ -110,9 +132,16 @@ class SAFTConfig(DefenseConfig):
     # passes, instead of a second small pass; same objective [ours]. PGD's K passes stay separate (they
     # need θ's gradient w.r.t. δ only). false = separate passes. kl_on=task|both always run separately.
     fuse: bool = True
+    # exact: K fresh PGD steps per use of an anchor row (the spec). free [ours]: δ is carried per anchor row
+    # across steps and takes one ascent step per use from the step's own backward (see the module doc)
+    pgd_mode: str = "exact"
 
     def __post_init__(self) -> None:
         require(self, "kl_on", self.kl_on in KL_ON, f"one of {', '.join(KL_ON)}")
+        require(self, "pgd_mode", self.pgd_mode in PGD_MODES, f"one of {', '.join(PGD_MODES)}")
+        # free PGD carries δ per anchor row; the task rows are different rows every step
+        free_ok = self.pgd_mode == "exact" or self.kl_on == "anchor"
+        require(self, "pgd_mode", free_ok, f"exact when kl_on={self.kl_on} (free carries δ per anchor row)")
         for key in ("lam", "eps", "pgd_steps", "kl_topk"):
             require(self, key, getattr(self, key) >= 0, ">= 0")
         require(self, "pgd_alpha", self.pgd_alpha is None or self.pgd_alpha > 0, "> 0 (or null for the default)")
@@ -177,9 +206,10 @@ def reference_targets(ctx: RunContext, rows: list[Rendered], topk: int, batch_si
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             batch = ctx.batch(chunk)
-            logits = ctx.forward(inputs_only(batch), model=ref).logits[:, :-1]
-            resp = response_mask(batch)
-            out += [reference_target(logits[i][resp[i]], topk) for i in range(len(chunk))]
+            at, cols, _ = label_positions(batch["labels"])
+            logits = forward_at(ctx, batch, at, cols, model=ref)[0]  # row-major: row by row
+            per_row = logits.split(torch.bincount(at, minlength=len(chunk)).tolist())
+            out += [reference_target(x, topk) for x in per_row]
     return out
 
 
@@ -191,10 +221,17 @@ def embed(ctx: RunContext, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def adversarial_logits(ctx: RunContext, batch: Batch, emb: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """π_θ logits at the response positions, for inputs emb + δ."""
-    embeds = (emb.float() + delta).to(emb.dtype)
-    logits = ctx.forward({"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}).logits
-    return logits[:, :-1][response_mask(batch)]
+    """π_θ logits (N, V) at the response positions (row-major), for inputs emb + δ.
+
+    Only what the KL reads runs: the columns up to the last response position whose logits it reads (a row's
+    final token is only ever a target; under the causal mask nothing read depends on it), and the
+    unembedding at the response positions only.
+    """
+    rows, cols, _ = label_positions(batch["labels"])
+    width = int(cols.max()) + 1 if len(cols) else batch["labels"].shape[1]
+    embeds = (emb.float() + delta)[:, :width].to(emb.dtype)
+    inputs = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"][:, :width]}
+    return forward_at(ctx, inputs, rows, cols)[0]
 
 
 def project(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -202,6 +239,20 @@ def project(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     norm = delta.norm(dim=-1, keepdim=True)
     r = radius.unsqueeze(-1)
     return delta * torch.where(norm > r, r / norm.clamp_min(1e-12), torch.ones_like(norm))
+
+
+def random_start(radius: torch.Tensor, dim: int) -> torch.Tensor:
+    """δ₀ (..., dim) ~ 0.5 · Uniform(ball of radius_t) per token (``radius`` (...,)), fp32."""
+    direction = torch.randn(*radius.shape, dim, device=radius.device)
+    direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    u = torch.rand(radius.shape, device=radius.device).pow(1.0 / dim)  # uniform in the ball
+    return 0.5 * (radius * u).unsqueeze(-1) * direction
+
+
+def ascend(delta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """One PGD step: δ + step_t · g_t/‖g_t‖ per token, projected onto ‖δ_t‖ <= radius_t (detached)."""
+    grad = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return project(delta.detach() + step.unsqueeze(-1) * grad, radius)
 
 
 def pgd(ctx: RunContext, batch: Batch, target: KLTarget, cfg: SAFTConfig) -> torch.Tensor:
@@ -214,23 +265,15 @@ def pgd(ctx: RunContext, batch: Batch, target: KLTarget, cfg: SAFTConfig) -> tor
     mask = prompt_mask(batch).float()
     scale = emb.norm(dim=-1) * mask  # ‖emb(x_t)‖ on prompt tokens, 0 elsewhere
     radius = cfg.eps * scale
-    delta = torch.zeros_like(emb)
-    if cfg.random_init:
-        direction = torch.randn_like(emb)
-        direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        u = torch.rand(emb.shape[:-1], device=emb.device).pow(1.0 / emb.shape[-1])  # uniform in the ball
-        delta = 0.5 * (radius * u).unsqueeze(-1) * direction
+    delta = random_start(radius, emb.shape[-1]) if cfg.random_init else torch.zeros_like(emb)
     if cfg.pgd_steps == 0 or cfg.eps == 0:
         return delta
-    step = (cfg.alpha * scale).unsqueeze(-1)
     with eval_mode(ctx.model):
         for _ in range(cfg.pgd_steps):
             delta.requires_grad_(True)
             kl = kl_to_reference(target, adversarial_logits(ctx, batch, emb, delta))
             (grad,) = ctx.grad(kl, [delta])
-            grad = grad * mask.unsqueeze(-1)
-            grad = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            delta = project(delta.detach() + step * grad, radius)
+            delta = ascend(delta, grad * mask.unsqueeze(-1), cfg.alpha * scale, radius)
     return delta.detach()
 
 
@@ -240,8 +283,10 @@ def pgd(ctx: RunContext, batch: Batch, target: KLTarget, cfg: SAFTConfig) -> tor
 class AdversarialKL(Part):
     """weight · KL(π_ref ‖ π_θ) at δ*, on the anchor rows (``on="anchor"``) or on the task batch (``"task"``).
 
-    Its segments are the rows as embeddings emb + δ* (PGD runs when they are asked for); its term is the KL
-    on their response positions. On the task rows it cannot ride in the task forward (they are the host).
+    Its segments are the rows as embeddings emb + δ* (PGD runs when they are asked for), each cut after the
+    last position whose logits the KL reads; its term is the KL on their response positions. On the task
+    rows it cannot ride in the task forward (they are the host). With ``pgd_mode=free`` δ is this part's
+    state: one tensor per anchor row, carried across steps (``carried`` / ``after_backward``).
     """
 
     own_embeddings = True
@@ -250,6 +295,9 @@ class AdversarialKL(Part):
         self.cfg, self.on, self.split = cfg, on, split  # split: how many KLs share λ (kl_on=both: 2)
         self.packable = on == "anchor"
         self.targets: list[KLTarget] = []  # per anchor row, cached in prepare (on="anchor")
+        # free PGD: anchor row id -> its δ over the row's prompt tokens (k, d) fp32, checkpointed by the defense
+        self.delta: dict[int, torch.Tensor] = {}
+        self._live: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # this step's (row id, δ leaf, ‖emb‖)
 
     def prepare(self, ctx: RunContext, rows: list[Rendered]) -> None:
         """Cache the reference's log-probs on the anchors' response positions (once)."""
@@ -262,25 +310,63 @@ class AdversarialKL(Part):
         if self.on == "anchor":
             rows_batch = ctx.batch(rows)
             target = KLTarget.cat([self.targets[int(r.id)] for r in rows])
-            positions = [response_positions(r) for r in rows]
         else:  # TRADES-style: the reference on the clean task batch, computed on the fly
+            at, cols, _ = label_positions(batch["labels"])
             with ctx.reference() as ref, eval_mode(ref):
-                logits = ctx.forward(inputs_only(batch), model=ref).logits
-            target = reference_target(logits[:, :-1][response_mask(batch)], self.cfg.kl_topk)
+                logits = forward_at(ctx, batch, at, cols, model=ref)[0]
+            target = reference_target(logits, self.cfg.kl_topk)
             rows_batch = batch
-            positions = [torch.nonzero(r[1:] != IGNORE).squeeze(1) for r in batch["labels"]]
-        delta = pgd(ctx, rows_batch, target, self.cfg)
+        if self.cfg.pgd_mode == "free":
+            delta = self.carried(ctx, rows, rows_batch)
+        else:
+            delta = pgd(ctx, rows_batch, target, self.cfg)
         emb = embed(ctx, rows_batch["input_ids"])
         adv = (emb.float() + delta).to(emb.dtype)
-        lengths = rows_batch["attention_mask"].sum(1).tolist()
         ids = rows_batch["input_ids"]
-        segs = [Segment(ids[i, :n], adv[i, :n]) for i, n in enumerate(lengths)]
-        return Request(segs, logits=True, data=(target, positions))
+        # the positions whose logits the KL reads; nothing after the last of them is needed (causal mask)
+        positions = [torch.nonzero(y[1:] != IGNORE).squeeze(1) for y in rows_batch["labels"]]
+        lengths = rows_batch["attention_mask"].sum(1).tolist()
+        ends = [int(t[-1]) + 1 if len(t) else n for t, n in zip(positions, lengths, strict=True)]
+        segs = [Segment(ids[i, :n], adv[i, :n]) for i, n in enumerate(ends)]
+        return Request(segs, logits=positions, data=target)
 
     def terms(self, ctx: RunContext, out: Outputs) -> dict[str, torch.Tensor]:
-        target, positions = out.request.data
-        logits = torch.cat([out.take(out.logits, i, t) for i, t in enumerate(positions)])
-        return {"kl": self.cfg.lam / self.split * kl_to_reference(target, logits)}
+        return {"kl": self.cfg.lam / self.split * kl_to_reference(out.request.data, out.logits)}
+
+    # ------------------------------------------------------------------ free PGD [ours]
+
+    def carried(self, ctx: RunContext, rows: list[Rendered], batch: Batch) -> torch.Tensor:
+        """δ (B, T, d) for this micro-batch's anchor rows from the carried state, each row's own δ a leaf that
+        the step's backward gives a gradient (``after_backward``). A row's first use starts it as exact PGD
+        starts (δ₀); the ball is re-measured every use (full fine-tuning moves the embeddings)."""
+        with torch.no_grad():
+            emb = embed(ctx, batch["input_ids"]).float()
+        mask = prompt_mask(batch)
+        scale = emb.norm(dim=-1) * mask  # ‖emb(x_t)‖ on prompt tokens, 0 elsewhere
+        delta = torch.zeros_like(emb)
+        self._live = []
+        for i, row in enumerate(rows):
+            k = int(mask[i].sum())
+            if not bool(mask[i, :k].all()):
+                raise ValueError(f"anchor row {row.id}: its prompt is not a prefix of the row (free PGD needs one)")
+            s = scale[i, :k]
+            start = self.delta.get(int(row.id))
+            if start is None and self.cfg.random_init:
+                start = random_start(self.cfg.eps * s, emb.shape[-1])
+            elif start is None:
+                start = torch.zeros_like(emb[i, :k])
+            leaf = project(start.to(emb.device), self.cfg.eps * s).requires_grad_(True)
+            delta[i, :k] = leaf  # a fresh tensor: the write is recorded, the backward reaches the leaf
+            self._live.append((int(row.id), leaf, s))
+        return delta
+
+    def after_backward(self, ctx: RunContext) -> None:
+        """Free PGD: each row used this step takes one normalised ascent step along the gradient its δ received
+        from the step's backward (λ/split · ∂KL/∂δ, a positive multiple of the KL's), projected per token."""
+        for rid, leaf, s in self._live:
+            grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            self.delta[rid] = ascend(leaf, grad, self.cfg.alpha * s, self.cfg.eps * s)
+        self._live = []
 
 
 # ----------------------------------------------------------------------------- the defense
@@ -346,7 +432,19 @@ class SAFT(Defense):
         return anchor_step(ctx, batch, self.parts, rows, packed=self.fused, backward="each")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"y_ref": self.anchors.y_ref} if self.uses_anchors else {}
+        return {"y_ref": self.anchors.y_ref, **self.attack_state()} if self.uses_anchors else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.anchors.y_ref = state.get("y_ref")
+        self.load_attack_state(state)
+
+    def attack_state(self) -> dict[str, Any]:
+        """Free PGD's carried δ per anchor row, for an exact resume (nothing in exact mode: its checkpoints are
+        unchanged). 64 anchors x ~45 prompt tokens x 576 dims is ~6.6 MB fp32 on SmolLM2-135M."""
+        if self.cfg.pgd_mode != "free" or not self.uses_anchors:
+            return {}
+        return {"pgd_delta": {k: v.detach().cpu().clone() for k, v in self.kl[0].delta.items()}}
+
+    def load_attack_state(self, state: dict[str, Any]) -> None:
+        if "pgd_delta" in state:
+            self.kl[0].delta = dict(state["pgd_delta"])

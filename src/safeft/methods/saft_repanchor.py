@@ -25,8 +25,13 @@ spec's pseudo-code: RepAnchor anchors the clean representations while the KL is 
 cheaper variant (K = 1, one shared clean pass) is not implemented. [ours] With ``fuse`` (the default) both
 ride in the task forward (``safeft.packing``: the attacked rows as embeddings, the clean rows reading the
 template prefix from a task row), so a step is K + 1 forwards and K + 1 backwards (4 and 4 at K = 3,
-instead of 6 and 6): 1.89x SFT's step time on SmolLM2, batch 8, 2 CPU cores (2.36x unfused).
-``kl_on=task|both`` keeps every pass separate (the task rows cannot ride in themselves).
+instead of 6 and 6): 1.89x SFT's step time on SmolLM2, batch 8, 2 CPU cores (2.36x unfused), measured
+before the unembedding was restricted to the positions each term reads (SAFT's KL positions only; none of
+RepAnchor's, which reads block outputs) and the KL rows were cut after their last read position (see
+``methods.saft``). ``kl_on=task|both`` keeps every pass separate (the task rows cannot ride in themselves).
+With ``pgd_mode=free`` ([ours], ``methods.saft``) δ is carried per anchor row and takes its ascent step from
+the packed backward: a step is ONE forward and ONE backward (positions: the task batch plus both anchor
+rows once), and the checkpoint holds the carried δ beside y_ref and the drift state.
 
 Code: the composition of SAFT's and RepAnchor's anchor-family parts (``methods.anchors``) on this defense's
 one anchor set: ``anchor_step`` hands both the same rows. It imports the two methods it composes, and only
@@ -136,7 +141,7 @@ class SAFTRepAnchor(Defense):
         if not self.uses_anchors:
             return {}
         rep = self.rep.drift_state() if self.cfg.gamma > 0 else {}
-        return {"y_ref": self.anchors.y_ref, **rep}
+        return {"y_ref": self.anchors.y_ref, **rep, **self.saft.attack_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
@@ -144,3 +149,4 @@ class SAFTRepAnchor(Defense):
         self.anchors.y_ref = state["y_ref"]
         if self.cfg.gamma > 0:
             self.rep.load_drift_state(state)
+        self.saft.load_attack_state(state)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safeft import packing
 from safeft.config import ConfigError, DefenseConfig
 from safeft.data.chat import IGNORE, Rendered
 from safeft.data.types import Example
@@ -24,6 +25,7 @@ from safeft.methods.base import Batch, Defense, StepOutput, require
 from safeft.methods.registry import register
 from safeft.methods.weights import global_norm, param_grads, shifted
 from safeft.models import ModelError, decoder_layers, trainable_parameters
+from safeft.packing import forward_at, label_positions, task_loss
 
 if TYPE_CHECKING:
     from safeft.context import RunContext
@@ -43,6 +45,10 @@ class SAPConfig(DefenseConfig):
     contrastive_batch: int = 8  # (prompt, safe, harmful) triples per direction estimate
     temperature: float = 1.0  # T in −log σ(Δ/T)
     reference_parity: bool = False  # True = the released code's contrastive loss, bug included (§3.6-1)
+    # [ours] the harmful contrastive rows read their prompt's states from the safe row in the one contrastive
+    # forward (safeft.packing) when the model passes the setup check; false = safe and harmful rows batched
+    # plainly. Same objective either way.
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         require(self.grad_rate >= 0, "grad_rate", ">= 0", self.grad_rate)
@@ -62,19 +68,19 @@ def default_layers(n_layers: int) -> list[int]:
 # ----------------------------------------------------------------------------- contrastive loss
 
 
-def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
-    """(B,) fp32 sum of the log-probs of the label tokens (positions != IGNORE), not length-normalised.
-
-    ``shift=True`` is teacher forcing: the logits at t score the token at t + 1. ``shift=False`` scores
-    the token at t with the logits at t (only the reference-parity loss wants that).
-    """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    b, t, v = logits.shape
-    nll = F.cross_entropy(
-        logits.float().reshape(b * t, v), labels.reshape(b * t), ignore_index=IGNORE, reduction="none"
-    )
-    return -nll.view(b, t).sum(dim=1)
+def summed_logprobs(
+    ctx: RunContext,
+    batch: Batch,
+    at: tuple[torch.Tensor, torch.Tensor],
+    targets: torch.Tensor,
+    owner: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """(n,) fp32: Σ log p(targets[i] | position at[i]) grouped by ``owner[i]`` (0..n-1), not length-normalised,
+    from ONE forward of ``batch`` whose unembedding runs only at the positions ``at`` (rows, cols)."""
+    logits = forward_at(ctx, batch, *at)[0]
+    lp = -F.cross_entropy(logits.float(), targets, reduction="none")
+    return torch.zeros(n, device=lp.device).index_add(0, owner, lp)
 
 
 def _parity_logprobs(
@@ -97,27 +103,64 @@ def _parity_logprobs(
         labels[0, i, : len(s.labels)] = torch.tensor(s.labels)
         labels[1, i, : len(h.labels)] = torch.tensor(h.labels)
     labels[labels == eos] = IGNORE
-    batch = {"input_ids": ids.to(ctx.device), "attention_mask": mask.to(ctx.device)}
-    logits = ctx.forward(batch).logits
     labels = labels.to(ctx.device)
-    return sequence_logprob(logits, labels[0], shift=False), sequence_logprob(logits, labels[1], shift=False)
+    batch = {"input_ids": ids.to(ctx.device), "attention_mask": mask.to(ctx.device)}
+    # both label sets' positions, unshifted; owners 0..n-1 score the safe set, n..2n-1 the harmful one
+    k, rows, cols = torch.nonzero(labels != IGNORE, as_tuple=True)
+    lp = summed_logprobs(ctx, batch, (rows, cols), labels[k, rows, cols], k * len(safe) + rows, 2 * len(safe))
+    return lp[: len(safe)], lp[len(safe) :]
+
+
+def _shared_logprobs(
+    ctx: RunContext, safe: Sequence[Rendered], harm: Sequence[Rendered], fmt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # One forward: the safe rows as a plain batch, each harmful row packed in beside them, reading the states
+    # of the prompt it shares with its safe row instead of recomputing them (``safeft.packing``; exact under
+    # the causal mask, checked in setup), so the harmful rows add only their own response tokens.
+    host = ctx.batch(list(safe))
+    packed = packing.pack(
+        host, [torch.tensor(h.input_ids) for h in harm], pad_id=ctx.tokenizer.pad_token_id, share=True, fmt=fmt
+    )
+    rows, cols, targets = label_positions(packed.batch["labels"])  # the safe rows (the hosts) only
+    at, owner = [(rows, cols)], [rows]
+    for j, (p, h) in enumerate(zip(packed.placements, harm, strict=True)):
+        y = torch.tensor(h.labels[1:], device=ctx.device)
+        t = torch.nonzero(y != IGNORE).squeeze(1)
+        at.append((torch.full_like(t, p.row), p.columns(t)))
+        owner.append(torch.full_like(t, len(safe) + j))
+        targets = torch.cat([targets, y[t]])
+    at_rows, at_cols = (torch.cat(x) for x in zip(*at, strict=True))
+    lp = summed_logprobs(ctx, packed.batch, (at_rows, at_cols), targets, torch.cat(owner), 2 * len(safe))
+    return lp[: len(safe)], lp[len(safe) :]
 
 
 def contrastive_loss(
-    ctx: RunContext, safe: Sequence[Rendered], harm: Sequence[Rendered], temperature: float = 1.0, parity: bool = False
+    ctx: RunContext,
+    safe: Sequence[Rendered],
+    harm: Sequence[Rendered],
+    temperature: float = 1.0,
+    parity: bool = False,
+    fmt: str | None = None,
 ) -> torch.Tensor:
     """L_c = −mean_i log σ((log p(y_safe,i | q_i) − log p(y_harm,i | q_i)) / T), no reference model.
 
     ``safe[i]`` and ``harm[i]`` are the same prompt rendered with the refusal and with the compliant
-    response. Default: two teacher-forced forwards (prompt+y_safe, prompt+y_harm) with shifted labels.
-    ``parity=True``: the released code's loss instead (see ``_parity_logprobs``).
+    response. Default: teacher-forced log-probs of prompt+y_safe and prompt+y_harm, both in ONE forward
+    whose unembedding runs only at the response positions. With ``fmt`` (the model's packed-mask format,
+    ``packing.attention_format``; set once the setup check passed) each harmful row reads its prompt's
+    states from its safe row; without, the safe and harmful rows are batched plainly. Either way the same
+    loss: batching and sharing change rounding only. ``parity=True``: the released code's loss instead (see
+    ``_parity_logprobs``).
     """
     if parity:
         lp_safe, lp_harm = _parity_logprobs(ctx, safe, harm)
+    elif fmt is not None:
+        lp_safe, lp_harm = _shared_logprobs(ctx, safe, harm, fmt)
     else:
-        b_safe, b_harm = ctx.batch(list(safe)), ctx.batch(list(harm))
-        lp_safe = sequence_logprob(ctx.forward(b_safe).logits, b_safe["labels"])
-        lp_harm = sequence_logprob(ctx.forward(b_harm).logits, b_harm["labels"])
+        batch = ctx.batch([*safe, *harm])
+        rows, cols, targets = label_positions(batch["labels"])
+        lp = summed_logprobs(ctx, batch, (rows, cols), targets, rows, 2 * len(safe))
+        lp_safe, lp_harm = lp[: len(safe)], lp[len(safe) :]
     return -F.logsigmoid((lp_safe - lp_harm) / temperature).mean()
 
 
@@ -158,15 +201,25 @@ class SAP(Defense):
         rows come from the shared chat renderer, so the released template details (system prompt, no
         generation prompt in the prompt part, so the assistant header was scored) are not reproduced
         [inferred].
+      * ``fuse`` = true [ours]: in the one contrastive forward each harmful row reads the states of the
+        prompt it shares with its safe row instead of recomputing them (``safeft.packing``; checked once in
+        setup on θ in eval mode, a model that fails keeps plain batching, with a warning, and a resumed run
+        keeps its first verdict). false = the safe and harmful rows batched plainly. Same loss either way.
 
     Data: aux ``contrastive`` (prompt, response = refusal, ``meta["harmful_response"]`` = a compliance
     opener), cycled through a checkpointed stream. The log-probs are summed, not length-normalised (as the
     paper and code), so a long refusal against a short opener biases Δ toward the opener; the direction
     still points from refusing to complying, but length-matched pairs give a cleaner one.
 
-    Cost (grad_accum = 1): 3 F+B per step; counted as ``passes/forward = 4`` (two contrastive forwards,
-    one at W + ΔW, one at W; 3 in parity mode) and ``passes/backward = 3``. Extra memory: two
-    trainable-sized copies (ΔW and the saved W).
+    Cost (grad_accum = 1): 3 F+B per step, counted as ``passes/forward = 3`` (the contrastive pass, with
+    the safe and the harmful rows in one forward, as in parity mode, the harmful rows adding only their
+    response tokens with ``fuse``; one pass at W + ΔW whose
+    backward reaches only V; one at W, SFT's own pass) and ``passes/backward = 3``. The contrastive pass and
+    the pass at W + ΔW unembed only the response positions their losses read (``packing.forward_at``: the
+    unembedding is ~1/5 of a pass on a 49k vocabulary). [ours] Both change the cost, not the objective: loss
+    and gradients agree with separate full-logit forwards to rounding (``tests/unit/test_perf_equivalence.py``). With
+    ``grad_accum = k``: the contrastive pass once per optimizer step, 2 F+B per micro-batch. Extra memory:
+    two trainable-sized copies (ΔW and the saved W).
 
     Decisions and pitfalls handled:
       * The probe lives on the defense, not in the model: hooks (by decoder index; a block without ``.mlp``
@@ -213,6 +266,7 @@ class SAP(Defense):
         self.opt: torch.optim.Optimizer | None = None
         self.diagnostics: dict[str, float] = {}  # last step's contrastive loss, ‖V‖, ‖ΔW‖ (not optimised)
         self._hooks = contextlib.ExitStack()  # the probe's forward hooks, closed by remove_hooks
+        self._safe: list[Rendered] = []
         self._harm: list[Rendered] = []
         self._stream = None
         self._pending: dict[str, Any] | None = None
@@ -220,6 +274,7 @@ class SAP(Defense):
         self._nominal = True
         self._warned = False
         self._gv_shifted: list[torch.Tensor] | None = None
+        self.fmt: str | None = None  # the packed-mask format when the contrastive rows share prompts (setup)
 
     # -- setup / teardown
 
@@ -246,6 +301,13 @@ class SAP(Defense):
             mlps[j] = mlp
         self._hooks.enter_context(hooked(mlps, lambda j: _adder(self.probe[j])))
         self._build_contrastive(ctx)
+        if self._pending is not None and "fmt" in self._pending:
+            self.fmt = self._pending["fmt"]  # a resumed run keeps the verdict it started with: the same passes
+        elif self.cfg.fuse and not self.cfg.reference_parity:
+            # checked on θ (SAP keeps no reference) at V = 0, on the first contrastive pairs
+            safe, harm = self._safe[: self.cfg.contrastive_batch], self._harm[: self.cfg.contrastive_batch]
+            if packing.packing_works(ctx, harm, share=True, who="sap", hosts=safe, model=model):
+                self.fmt = packing.attention_format(model)
         if self._pending is not None:
             self._apply_state(self._pending)
             self._pending = None
@@ -258,7 +320,7 @@ class SAP(Defense):
         safe = ctx.render([Example(ex.id, ex.prompt, ex.response) for ex in triples])
         harm = ctx.render([Example(ex.id, ex.prompt, ex.meta["harmful_response"]) for ex in triples])
         # Row ids become indices into ``harm``, so the stream (of safe rows) finds each row's partner.
-        self._harm = harm
+        self._safe, self._harm = safe, harm
         rows = [dataclasses.replace(r, id=str(i)) for i, r in enumerate(safe)]
         self._stream = ctx.stream("sap_contrastive", rows, self.cfg.contrastive_batch)
 
@@ -287,11 +349,11 @@ class SAP(Defense):
             self._delta, self._nominal = self._harmful_shift(ctx, params)
         # V's gradient at W + ΔW (for V only: ctx.grad keeps it away from the optimizer).
         with shifted(params, self._delta, check=self._nominal):
-            grads = ctx.grad(ctx.forward(batch).loss, probe)
+            grads = ctx.grad(task_loss(ctx, batch), probe)
         prev = self._gv_shifted or [torch.zeros_like(v) for v in probe]
         self._gv_shifted = [a + g.float() / k for a, g in zip(prev, grads, strict=True)]
         # The clean pass with V_t: W's gradient for the loop's optimizer; V.grad receives ∂CE/∂V / k.
-        task = ctx.forward(batch).loss
+        task = ctx.forward(batch).loss  # SFT's own pass: at V = 0 this step is SFT's exactly
         ctx.backward(task)
         if ctx.last_micro:  # V moves once per optimizer step, from g_V averaged over its micro-batches
             self._update_probe()
@@ -306,7 +368,7 @@ class SAP(Defense):
         """
         rows = self._stream.next()
         harm = [self._harm[int(r.id)] for r in rows]
-        lc = contrastive_loss(ctx, rows, harm, self.cfg.temperature, self.cfg.reference_parity)
+        lc = contrastive_loss(ctx, rows, harm, self.cfg.temperature, self.cfg.reference_parity, self.fmt)
         g = [gi.float() for gi in param_grads(ctx, lc, params)]
         g_norm = global_norm(g)
         scale = self.cfg.grad_rate * global_norm(params) / (g_norm + 1e-8)
@@ -345,6 +407,7 @@ class SAP(Defense):
             "layers": list(self.layers),
             "probe": [v.detach().cpu().clone() for v in self.probe.values()],
             "optimizer": self.opt.state_dict() if self.opt is not None else None,
+            "fmt": self.fmt,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -16,11 +16,10 @@ from torch import nn
 from safeft.config import DefenseConfig
 from safeft.context import RunContext
 from safeft.data.chat import Rendered, last_prompt_index
-from safeft.hooks import unembedding_input
 from safeft.methods.anchors import AnchorSet, Outputs, Part, Request, Segment, anchor_step, packs, require, terms_alone
 from safeft.methods.base import Batch, Defense, StepOutput
 from safeft.methods.registry import register
-from safeft.models import ModelError
+from safeft.packing import forward_at
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +46,10 @@ def final_states(ctx: RunContext, model: nn.Module, batch: Batch) -> torch.Tenso
     ``model`` is the module to run (``ctx.model``, or the reference from ``ctx.reference()``); the forward
     is counted through ``ctx.forward``.
     """
-    with unembedding_input(ctx.accelerator.unwrap_model(model)) as seen:
-        ctx.forward(batch, model=model)
-    if len(seen) != 1:
-        raise ModelError(f"the output embeddings ran {len(seen)} times in one forward; expected exactly once")
-    h = seen[0]
-    if h.shape[:2] != batch["input_ids"].shape:
-        # e.g. a model that only unembeds the last position: the gather below would read wrong tokens
-        raise ModelError(
-            f"the unembedding saw hidden states of shape {tuple(h.shape)} for a batch of "
-            f"{tuple(batch['input_ids'].shape)}; SBR needs every position"
-        )
+    none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    # the unembedding runs at no position (SBR reads its input, not the logits); forward_at checks that every
+    # position reached it, e.g. not a model that only unembeds the last position
+    h = forward_at(ctx, batch, none, none, model=model)[1]
     idx = last_prompt_index(batch)
     return h[torch.arange(h.shape[0], device=h.device), idx].float()
 
@@ -97,11 +89,15 @@ class SBR(Defense, Part):
     padding, widen it only as needed, and read the chat template's system prompt and user header from a
     task row instead of recomputing it (anchors add only their own tokens: 148 of 348 for the 8 default
     anchors on SmolLM2, ~+12 % positions on batch-8 finance rows, 1.08x SFT's step time on 2 CPU cores).
-    Logged as ``passes/forward = 1``, ``passes/backward = 1`` and ``positions`` per step. Setup: one
-    reference forward for ``h_ref`` plus the packing check (three reference forwards on the first task
-    rows). With ``fuse`` false, or where the check fails: a separate forward over the N anchors
-    (``passes/forward = 2``), which on a small model costs far more than its tokens (1.53x SFT measured:
-    every pass pays the same per-layer overhead).
+    The term reads the unembedding's input at each anchor's last prompt position and nothing after it: an
+    anchor row is its prompt alone, ending at the generation prompt, so there is nothing to cut; it reads no
+    logits, so the unembedding (~1/5 of a pass per position on a 49k vocabulary) skips the anchor positions
+    (``packing.forward_at``; the task's own CE is unembedded at every position, as in SFT). Logged as
+    ``passes/forward = 1``, ``passes/backward = 1`` and ``positions`` per step. Setup: one reference forward
+    for ``h_ref`` plus the packing check (three reference forwards on the first task rows). With ``fuse``
+    false, or where the check fails: a separate forward over the N anchors (``passes/forward = 2``), which
+    on a small model costs far more than its tokens (1.53x SFT measured: every pass pays the same per-layer
+    overhead).
 
     Pitfalls handled:
       * The hidden state is taken with a pre-hook on ``get_output_embeddings()`` (the ``lm_head`` input),
