@@ -254,6 +254,7 @@ def cache_key(cfg: C.RunConfig) -> str:
         spec = f"{spec}:{models._file_digest(models.alias_path(spec))}"
     harmful, benign = select_prompts(cfg)
     align_cfg = dataclasses.asdict(cfg.align)
+    align_cfg["train"].pop("report_to", None)  # where metrics are also sent changes nothing in the model
     recipe = {k: align_cfg.pop(k) for k in list(align_cfg) if k not in KEYED_ALIGN_FIELDS}
     content = {
         "spec": spec,

@@ -17,6 +17,7 @@ from safeft.data.types import Example
 from safeft.methods.anchors import prompt_mask
 from safeft.methods.saft import SAFT, KLTarget, adversarial_logits, embed, kl_to_reference, pgd
 from safeft.packing import relative_error
+from safeft.runs import read_trainer_state
 from safeft.testing import make_ctx, tiny_run_config
 from safeft.train import TrainingInterrupted, checkpoints, train
 
@@ -174,7 +175,7 @@ def test_free_pgd_resumes_exactly(tmp_path, tiny_dir):
 
 
 def _defense_state(run_dir) -> dict:
-    return torch.load(checkpoints(run_dir)[-1] / "trainer.pt", weights_only=False)["defense"]
+    return read_trainer_state(checkpoints(run_dir)[-1])["defense"]  # data only: nothing unpickled
 
 
 def test_exact_mode_checkpoints_are_unchanged(tmp_path, tiny):
