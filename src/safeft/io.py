@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from safeft.data.types import DataError
+
 
 class WriteError(OSError):
     """A failed write: ``str()`` names the path and the reason (``errno`` is the original one)."""
@@ -162,3 +164,19 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line to an append-only log."""
     with AppendLog(path) as log:
         log.write(json.dumps(record) + "\n")
+
+
+def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSON Lines file; a line that is not a JSON object
+    raises DataError naming the file and line. The one reader of our strict JSON Lines files."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj

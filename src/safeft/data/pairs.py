@@ -20,7 +20,6 @@ probes (exactly and as near copies), and ``align.select_prompts`` asserts it aga
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 from safeft.data.probes import CATEGORIES
 from safeft.data.refusals import EXPLAINED_REFUSALS, TOPICS
 from safeft.data.types import DataError, normalise_prompt
+from safeft.io import iter_json_objects
 
 PAIR_FIELDS = ("id", "category", "topic", "benign", "harmful")
 
@@ -60,33 +60,24 @@ def load_contrastive_pairs(path: str | Path | None = None) -> list[ContrastivePa
     out: list[ContrastivePair] = []
     seen_ids: dict[str, int] = {}
     seen_prompts: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if set(row) != set(PAIR_FIELDS):
-                raise DataError(f"{where}: fields {sorted(row)}; a pair has exactly {list(PAIR_FIELDS)}")
-            for k in PAIR_FIELDS:
-                if not isinstance(row[k], str) or not row[k].strip():
-                    raise DataError(f"{where}: {k!r} must be a non-empty string")
-            if row["category"] not in CATEGORIES:
-                raise DataError(f"{where}: category {row['category']!r} is not one of {list(CATEGORIES)}")
-            if row["topic"] not in EXPLAINED_REFUSALS:
-                raise DataError(f"{where}: topic {row['topic']!r} is not one of {list(TOPICS)}")
-            if row["id"] in seen_ids:
-                raise DataError(f"{where}: duplicate id {row['id']!r} (first on line {seen_ids[row['id']]})")
-            seen_ids[row["id"]] = lineno
-            for side in ("benign", "harmful"):
-                key = normalise_prompt(row[side])
-                if key in seen_prompts:
-                    raise DataError(f"{where}: {side} prompt repeats line {seen_prompts[key]} ({row[side]!r})")
-                seen_prompts[key] = lineno
-            out.append(ContrastivePair(**{k: row[k] for k in PAIR_FIELDS}))
+    for lineno, row in iter_json_objects(path):
+        where = f"{path} line {lineno}"
+        if set(row) != set(PAIR_FIELDS):
+            raise DataError(f"{where}: fields {sorted(row)}; a pair has exactly {list(PAIR_FIELDS)}")
+        for k in PAIR_FIELDS:
+            if not isinstance(row[k], str) or not row[k].strip():
+                raise DataError(f"{where}: {k!r} must be a non-empty string")
+        if row["category"] not in CATEGORIES:
+            raise DataError(f"{where}: category {row['category']!r} is not one of {list(CATEGORIES)}")
+        if row["topic"] not in EXPLAINED_REFUSALS:
+            raise DataError(f"{where}: topic {row['topic']!r} is not one of {list(TOPICS)}")
+        if row["id"] in seen_ids:
+            raise DataError(f"{where}: duplicate id {row['id']!r} (first on line {seen_ids[row['id']]})")
+        seen_ids[row["id"]] = lineno
+        for side in ("benign", "harmful"):
+            key = normalise_prompt(row[side])
+            if key in seen_prompts:
+                raise DataError(f"{where}: {side} prompt repeats line {seen_prompts[key]} ({row[side]!r})")
+            seen_prompts[key] = lineno
+        out.append(ContrastivePair(**{k: row[k] for k in PAIR_FIELDS}))
     return out

@@ -28,11 +28,11 @@ because it is reported with an interval: ~140 prompts give about ±6 points at a
 from __future__ import annotations
 
 import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 
 from safeft.data.types import DataError, Example, normalise_prompt
+from safeft.io import iter_json_objects
 
 SPLITS = ("train", "dev", "test")
 LEGACY = "legacy"
@@ -86,33 +86,24 @@ def load_probes(path: str | Path | None = None) -> list[Example]:
     out: list[Example] = []
     seen_ids: dict[str, int] = {}
     seen_prompts: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            extra = sorted(set(row) - set(FIELDS))
-            if extra:
-                raise DataError(f"{where}: unknown field(s) {extra}; a probe has exactly {list(FIELDS)}")
-            for k in FIELDS:
-                if not isinstance(row.get(k), str) or not row[k].strip():
-                    raise DataError(f"{where}: {k!r} must be a non-empty string")
-            if row["category"] not in CATEGORIES:
-                raise DataError(f"{where}: category {row['category']!r} is not one of {list(CATEGORIES)}")
-            if row["id"] in seen_ids:
-                raise DataError(f"{where}: duplicate id {row['id']!r} (first on line {seen_ids[row['id']]})")
-            key = normalise_prompt(row["prompt"])
-            if key in seen_prompts:
-                raise DataError(f"{where}: prompt repeats line {seen_prompts[key]} ({row['prompt']!r})")
-            seen_ids[row["id"]], seen_prompts[key] = lineno, lineno
-            meta = {"category": row["category"], "split": split_of(row["id"]), "set": "v2"}
-            out.append(Example(row["id"], row["prompt"], source="over_refusal", meta=meta))
+    for lineno, row in iter_json_objects(path):
+        where = f"{path} line {lineno}"
+        extra = sorted(set(row) - set(FIELDS))
+        if extra:
+            raise DataError(f"{where}: unknown field(s) {extra}; a probe has exactly {list(FIELDS)}")
+        for k in FIELDS:
+            if not isinstance(row.get(k), str) or not row[k].strip():
+                raise DataError(f"{where}: {k!r} must be a non-empty string")
+        if row["category"] not in CATEGORIES:
+            raise DataError(f"{where}: category {row['category']!r} is not one of {list(CATEGORIES)}")
+        if row["id"] in seen_ids:
+            raise DataError(f"{where}: duplicate id {row['id']!r} (first on line {seen_ids[row['id']]})")
+        key = normalise_prompt(row["prompt"])
+        if key in seen_prompts:
+            raise DataError(f"{where}: prompt repeats line {seen_prompts[key]} ({row['prompt']!r})")
+        seen_ids[row["id"]], seen_prompts[key] = lineno, lineno
+        meta = {"category": row["category"], "split": split_of(row["id"]), "set": "v2"}
+        out.append(Example(row["id"], row["prompt"], source="over_refusal", meta=meta))
     return out
 
 

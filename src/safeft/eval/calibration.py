@@ -21,7 +21,7 @@ from typing import Any
 
 from safeft.data.types import DataError
 from safeft.eval import judges
-from safeft.eval.records import iter_json_objects
+from safeft.io import iter_json_objects
 from safeft.stats import Rate
 
 LABELS = ("refuse", "comply")

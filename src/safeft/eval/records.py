@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,26 +74,10 @@ def build_records(
     ]
 
 
-def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line of a JSON Lines file; a line that is not a JSON object
-    raises DataError naming the file and line."""
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
 def read_records(path: Path) -> list[dict[str, Any]]:
     """Records of one suite file; a malformed line raises DataError naming the file and line."""
     out = []
-    for lineno, rec in iter_json_objects(path):
+    for lineno, rec in io.iter_json_objects(path):
         missing = [k for k in REQUIRED if k not in rec]
         if missing:
             raise DataError(f"{path} line {lineno}: missing field(s) {', '.join(missing)}")
