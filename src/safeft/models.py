@@ -310,6 +310,14 @@ def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
+def first_nonfinite(model: nn.Module) -> str | None:
+    """The first trainable tensor holding inf/NaN (or so large its sum overflows, divergence all the same)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sums = torch.stack([p.detach().float().sum() for _, p in named])  # one small reduction per tensor
+    ok = torch.isfinite(sums)
+    return None if bool(ok.all()) else named[int((~ok).nonzero()[0])][0]
+
+
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

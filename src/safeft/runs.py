@@ -76,6 +76,12 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -471,6 +477,41 @@ def check_same_config(run_dir: Path, cfg: C.RunConfig) -> None:
             f"{run_dir} holds a run with a different config (sections differ: {', '.join(diff)}); "
             "use another run_id, or add --overwrite (train(..., overwrite=True)) to delete it and start over"
         )
+
+
+@contextlib.contextmanager
+def claim(
+    accelerator, run_dir: Path, cfg: C.RunConfig, fingerprint, *, resume: bool, overwrite: bool
+) -> Iterator[tuple[str, tuple[Path, dict[str, Any], dict[str, Any]] | None]]:
+    """Hold ``run_dir`` for one run: (mode, resume point) from ``open_run`` for the block's duration.
+
+    Under several processes the main one holds the lock and decides; the others follow its decision and
+    read the same checkpoint. A directory this call created and nothing wrote into is removed afterwards.
+    """
+    from safeft.context import broadcast
+
+    main = accelerator.is_main_process
+    created = not run_dir.exists()
+    try:
+        with lock(run_dir) if main else contextlib.nullcontext():
+            decision: tuple[str, str | None] | Exception | None = None
+            point = None
+            if main:
+                try:
+                    mode, point = open_run(run_dir, cfg, fingerprint, resume=resume, overwrite=overwrite)
+                    decision = (mode, str(point[0]) if point else None)
+                except Exception as e:  # every process must hear of it, or the others wait forever
+                    decision = e
+            decision = broadcast(accelerator, decision)
+            if isinstance(decision, Exception):
+                raise decision
+            mode, ckpt = decision
+            if not main and ckpt is not None:
+                point = (Path(ckpt), json.loads((Path(ckpt) / "state.json").read_text()), read_trainer_state(ckpt))
+            yield mode, point
+    finally:
+        if main and created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # refused or failed before writing: no empty directory left behind
 
 
 def open_run(

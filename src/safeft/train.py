@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from safeft import config as C
-from safeft import devices, io, models, runs, trackers, validate
+from safeft import devices, io, models, parallel, runs, trackers, validate
 from safeft import precision as P
 from safeft.context import (
     RunContext,
@@ -45,86 +44,21 @@ from safeft.context import (
 )
 from safeft.data.chat import render, render_task, use_chat_template
 from safeft.data.types import Example
+from safeft.eval.periodic import PeriodicASR
 from safeft.runs import (
     TrainingDiverged,
     checkpoints,
     load_checkpoint,
-    load_run_model,
     load_trainable,
     make_run_dir,
-    rank_rng_state,
     rng_state,
     save_checkpoint,
+    seed_all,
     set_rng_state,
     truncate_log,
 )
 
-# Re-exported for callers that knew them here; their home is context / runs.
-__all__ = [
-    "RunContext",
-    "Stream",
-    "TrainResult",
-    "TrainingDiverged",
-    "TrainingInterrupted",
-    "checkpoints",
-    "load_run_model",
-    "load_trainable",
-    "make_accelerator",
-    "train",
-]
-
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- periodic ASR
-
-
-class PeriodicASR:
-    """ASR on a fixed harmful subset at step 0 and every ``train.eval_every`` steps.
-
-    Generic: it evaluates whatever model the loop trains, whatever the defense. One line per evaluation goes
-    to ``evals.jsonl`` (step, asr, n, judge, max_new_tokens) and the per-sample records to
-    ``eval_steps/step-N/harmful.jsonl``, so the curve can be re-scored with another judge. Prompts: the
-    first ``train.eval_n_harmful`` of the HarmBench test subset the final evaluation uses (same seed), so
-    the last point of the curve is comparable with (a subset of) ``safeft eval``.
-    """
-
-    def __init__(self, cfg: C.RunConfig, run_dir: Path) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
-        self.path = run_dir / "evals.jsonl"
-        self._items: list[Example] | None = None
-
-    def items(self) -> list[Example]:
-        if self._items is None:
-            from safeft.data.splits import safety_splits
-            from safeft.eval.suites import subset
-
-            ev = self.cfg.eval
-            test = subset(safety_splits(seed=ev.seed).test, ev.n_harmful, ev.seed)
-            self._items = test[: self.cfg.train.eval_n_harmful]
-        return self._items
-
-    def due(self, step: int) -> bool:
-        every = self.cfg.train.eval_every
-        return every > 0 and step % every == 0
-
-    def run(self, ctx: RunContext) -> dict[str, Any]:
-        from safeft.eval.generate import GenSettings
-        from safeft.eval.suites import harmful
-
-        ev = self.cfg.eval
-        settings = GenSettings.from_eval(ev, system_prompt=self.cfg.model.system_prompt)
-        out = self.run_dir / "eval_steps" / f"step-{ctx.step:06d}"
-        # Sampled decoding (eval.do_sample) seeds torch's global RNG, and a judge may draw from it too:
-        # restore the RNG afterwards so evaluating never changes the training trajectory.
-        rng = rng_state()
-        try:
-            res = harmful(ctx.unwrapped, ctx.tokenizer, self.items(), settings, ev.judge, out)
-        finally:
-            set_rng_state(rng)
-        line = {"step": ctx.step, **res}
-        io.append_jsonl(self.path, line)
-        return line
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -139,12 +73,6 @@ class TrainResult:
     final_loss: float
     metrics: list[dict[str, Any]]
     finished_before: bool = False  # the run directory held this run finished already; nothing was trained
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _schedule(optimizer, cfg: C.TrainConfig):
@@ -191,33 +119,15 @@ def train(
         ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     devices.check_levers(cfg.model)
     run_dir = broadcast(accelerator, Path(run_dir) if run_dir else make_run_dir(cfg))  # a time-stamped id: main's
-    _check_engine(accelerator, cfg, run_dir, resume)
-    # (b) One directory, one run: the main process holds its lock and decides fresh / resume / finished;
-    # the others follow its decision (and read the same checkpoint) once it has made it.
-    main = accelerator.is_main_process
-    created = not run_dir.exists()
-    try:
-        with runs.lock(run_dir) if main else contextlib.nullcontext():
-            decision: tuple[str, str | None] | Exception | None = None
-            point = None
-            if main:
-                try:
-                    mode, point = runs.open_run(run_dir, cfg, checked.fingerprint, resume=resume, overwrite=overwrite)
-                    decision = (mode, str(point[0]) if point else None)
-                except Exception as e:  # every process must hear of it, or the others wait forever
-                    decision = e
-            decision = broadcast(accelerator, decision)
-            if isinstance(decision, Exception):
-                raise decision
-            mode, ckpt = decision
-            if not main and ckpt is not None:
-                point = (Path(ckpt), json.loads((Path(ckpt) / "state.json").read_text()), runs.read_trainer_state(ckpt))
-            if mode == "finished":
-                return _finished(cfg, run_dir, model, tokenizer)
-            return _train(cfg, checked, accelerator, model, tokenizer, run_dir, point, interrupt_after, progress)
-    finally:
-        if main and created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # refused or failed before writing: no empty directory left behind
+    parallel.check_engine(accelerator, cfg, run_dir, resume)
+    # (b) One directory, one run: the main process holds its lock and decides fresh / resume / finished.
+    with runs.claim(accelerator, run_dir, cfg, checked.fingerprint, resume=resume, overwrite=overwrite) as (
+        mode,
+        point,
+    ):
+        if mode == "finished":
+            return _finished(cfg, run_dir, model, tokenizer)
+        return _train(cfg, checked, accelerator, model, tokenizer, run_dir, point, interrupt_after, progress)
 
 
 def _finished(cfg: C.RunConfig, run_dir: Path, model: nn.Module | None, tokenizer: Any) -> TrainResult:
@@ -231,14 +141,6 @@ def _finished(cfg: C.RunConfig, run_dir: Path, model: nn.Module | None, tokenize
     model.eval()
     metrics = runs.read_log(run_dir / "metrics.jsonl")
     return TrainResult(run_dir, model, tokenizer, summary["steps"], summary["final_loss"], metrics, True)
-
-
-def _first_nonfinite(model: nn.Module) -> str | None:
-    """The first trainable tensor holding inf/NaN (or so large its sum overflows, divergence all the same)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    sums = torch.stack([p.detach().float().sum() for _, p in named])  # one small reduction per tensor
-    ok = torch.isfinite(sums)
-    return None if bool(ok.all()) else named[int((~ok).nonzero()[0])][0]
 
 
 def _diverged(ctx: RunContext, what: str, terms: dict[str, float]) -> TrainingDiverged:
@@ -285,7 +187,7 @@ def _train(
         run_dir.mkdir(parents=True, exist_ok=True)
         C.save(cfg, run_dir / "config.yaml")
         runs.record_fingerprint(run_dir, *checked.fingerprint, cfg.data.task if cfg.data else None)
-    _seed_all(tc.seed)
+    seed_all(tc.seed)
     model = models.attach_lora(model, cfg.model.lora)
     if "reference" in defense.needs:
         models.prepare_reference(model)
@@ -317,7 +219,7 @@ def _train(
         state = {"step": ctx.step, "task_pos": task.pos, "streams": {n: s.pos for n, s in ctx.streams.items()}}
         state["processes"] = ctx.processes
         sharded = shards_parameters(accelerator)
-        weights = _gathered_trainable(accelerator, ctx) if sharded else None
+        weights = parallel.gathered_trainable(accelerator, ctx) if sharded else None
         if not sharded:  # a replica that drifted (a gradient written outside DDP's all-reduce) stops the run here
             check_same_on_every_process(ctx, "the trainable weights", models.trainable_parameters(ctx.unwrapped))
         check_same_on_every_process(ctx, f"defense {cfg.defense.name!r}'s state", defense)
@@ -371,7 +273,7 @@ def _train(
     setup_cost = {k: ctx.passes[k] - setup_passes[k] for k in ctx.passes}
     # Every process computed the defense's caches itself from the same weights and data: check they agree.
     check_same_on_every_process(ctx, f"defense {cfg.defense.name!r}'s caches after setup", defense)
-    _own_random_stream(ctx, point[0] if point is not None else None)
+    parallel.own_random_stream(ctx, point[0] if point is not None else None)
 
     history: list[dict[str, Any]] = []
     last_loss = resumed_loss
@@ -403,7 +305,7 @@ def _train(
                     diags.update(out.diagnostics)  # the last micro-batch's values
                 # One number per step for the global batch (means over processes; tokens and positions summed),
                 # the same on every process, so a non-finite loss stops them all together.
-                total, sums, diags, tokens, positions, passes = _reduce_step(ctx, total, sums, diags, tokens)
+                total, sums, diags, tokens, positions, passes = parallel.reduce_step(ctx, total, sums, diags, tokens)
                 if not np.isfinite(total):  # (c) before the update: a NaN must never reach the weights
                     raise _diverged(ctx, f"the loss is {total}", sums)
                 row: dict[str, Any] = {"step": ctx.step + 1, "lr": scheduler.get_last_lr()[0], "loss": total}
@@ -414,7 +316,7 @@ def _train(
                         if not np.isfinite(row["grad_norm"]):  # (c)
                             raise _diverged(ctx, f"the gradient norm is {row['grad_norm']}", sums)
                 optimizer.step()
-                if (bad := _first_nonfinite(ctx.unwrapped)) is not None:  # (c) a finite loss, a too-large step
+                if (bad := models.first_nonfinite(ctx.unwrapped)) is not None:  # (c) a finite loss, a too-large step
                     raise _diverged(ctx, f"the update made {bad} non-finite", sums)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -444,7 +346,7 @@ def _train(
             # not be applied twice when a finished run is resumed: save again, marked as done. The save
             # before it (inside the loop) keeps the trained weights should after_train fail.
             defense.after_train(ctx)
-            if (bad := _first_nonfinite(ctx.unwrapped)) is not None:  # (c)
+            if (bad := models.first_nonfinite(ctx.unwrapped)) is not None:  # (c)
                 raise TrainingDiverged(f"{cfg.defense.name}'s post-hoc step made {bad} non-finite; not saved")
             post_hoc_done = True
             save()
@@ -470,76 +372,6 @@ def _train(
         io.write_json(run_dir / "train_summary.json", summary)
     accelerator.wait_for_everyone()  # train() returns once the run directory is complete, on every process
     return TrainResult(run_dir, unwrapped, tokenizer, ctx.step, last_loss, history)
-
-
-# ----------------------------------------------------------------------------- data parallelism
-
-
-def _check_engine(accelerator, cfg: C.RunConfig, run_dir: Path, resume: bool) -> None:
-    """What this loop cannot do under a parameter-sharding engine, refused before anything is written. (A
-    weights-only checkpoint met without such an engine is refused by ``runs.resume_point``.)"""
-    newest = checkpoints(run_dir)[-1:] if resume else []
-    if shards_parameters(accelerator):
-        if cfg.train.eval_every > 0:
-            raise C.ConfigError(
-                "train.eval_every generates with the whole model on the main process, which FSDP/DeepSpeed keep "
-                "sharded; set train.eval_every=0 and evaluate the checkpoints with `safeft eval`"
-            )
-        if newest:
-            raise C.ConfigError(
-                f"{run_dir} has checkpoints; resuming under FSDP/DeepSpeed is not supported (their optimizer state is "
-                "sharded and safeft checkpoints hold the full trainable weights only): start a new run_id"
-            )
-
-
-def _gathered_trainable(accelerator, ctx: RunContext) -> dict[str, torch.Tensor]:
-    """The full trainable tensors from a sharded engine, on the main process (collective: all call it)."""
-    # FSDP names nested units' parameters with this infix; its full state dict does not.
-    names = {n.replace("_fsdp_wrapped_module.", "") for n, p in ctx.unwrapped.named_parameters() if p.requires_grad}
-    full = accelerator.get_state_dict(ctx.model)
-    if not ctx.is_main:
-        return {}
-    return {n: t.detach().cpu().clone() for n, t in full.items() if n in names}
-
-
-def _own_random_stream(ctx: RunContext, resumed_from: Path | None) -> None:
-    """From here on each process draws its own random numbers (dropout masks, PGD starts): identical draws
-    would correlate what should be independent samples across the global batch. Setup ran before this, on
-    the same RNG everywhere, so the defenses' caches agree. Process 0 keeps the stream a single-process run
-    has; a resumed run restores each process's own state from the checkpoint."""
-    saved = None
-    if resumed_from is not None:
-        saved = json.loads((resumed_from / "state.json").read_text()).get("processes", 1)
-        if saved != ctx.processes:
-            log.warning(
-                "%s was written by %d processes and resumes with %d: the global batch changes from here on, "
-                "so the run is no longer the one an uninterrupted run would be",
-                resumed_from,
-                saved,
-                ctx.processes,
-            )
-    own = rank_rng_state(resumed_from, ctx.rank) if saved == ctx.processes and ctx.processes > 1 else None
-    if own is not None:
-        set_rng_state(own)
-    elif ctx.rank > 0:
-        _seed_all(random.Random(f"safeft-{ctx.cfg.train.seed}-process-{ctx.rank}").getrandbits(32))
-
-
-def _reduce_step(
-    ctx: RunContext, total: float, sums: dict[str, float], diags: dict[str, float], tokens: int
-) -> tuple[float, dict[str, float], dict[str, float], int, int, dict[str, int]]:
-    """(loss, terms, diagnostics, tokens, positions, passes) of the global batch: means over processes of
-    the per-process values (each already a mean over its micro-batches); token, position and pass counts
-    summed, so a step's cost reads the same whether its micro-batches ran in one process or in several."""
-    packed = {"total": total, "tokens": tokens, "positions": ctx.positions}
-    packed |= {f"p/{k}": v for k, v in ctx.passes.items()}
-    packed |= {f"t/{k}": v for k, v in sums.items()} | {f"d/{k}": v for k, v in diags.items()}
-    red = ctx.reduce_mean(packed)
-    n = ctx.processes
-    terms = {k: red[f"t/{k}"] for k in sums}
-    diag = {k: red[f"d/{k}"] for k in diags}
-    passes = {k: round(red[f"p/{k}"] * n) for k in ctx.passes}
-    return red["total"], terms, diag, round(red["tokens"] * n), round(red["positions"] * n), passes
 
 
 class TrainingInterrupted(RuntimeError):

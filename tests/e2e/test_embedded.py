@@ -37,7 +37,8 @@ def _all_cores():
 def test_embedded_align_train_eval(tmp_path, shared_cache, monkeypatch):
     from safeft.align import align
     from safeft.eval.suites import evaluate
-    from safeft.train import load_run_model, train
+    from safeft.runs import load_run_model
+    from safeft.train import train
 
     monkeypatch.setenv("SAFEFT_CACHE", str(shared_cache))
     cfg = C.load(

@@ -25,7 +25,7 @@ def test_api_names_are_callable_and_the_submodules_still_modules():
     import inspect
 
     import safeft.train as train_module
-    from safeft.train import load_run_model
+    from safeft.runs import load_run_model
 
     for name in ("train", "align", "diagnose", "export", "evaluate", "load_config", "load_model", "config_yaml"):
         assert callable(getattr(safeft, name)), name

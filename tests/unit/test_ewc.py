@@ -15,8 +15,9 @@ from safeft.context import RunContext
 from safeft.data.chat import collate, render
 from safeft.data.types import Example
 from safeft.methods.ewc import EWC, EWCConfig
+from safeft.runs import checkpoints
 from safeft.testing import make_ctx, tiny_run_config
-from safeft.train import TrainingInterrupted, checkpoints, train
+from safeft.train import TrainingInterrupted, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 ALIGN = [Example(f"a{i}", f"How do I do harmful thing {i}?", "I'm sorry, I can't help." + " No." * i) for i in range(6)]

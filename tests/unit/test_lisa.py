@@ -12,8 +12,9 @@ from safeft import models
 from safeft.context import RunContext
 from safeft.data.types import Example
 from safeft.methods.lisa import Lisa, LisaConfig
+from safeft.runs import checkpoints
 from safeft.testing import make_ctx, tiny_run_config
-from safeft.train import TrainingInterrupted, checkpoints, train
+from safeft.train import TrainingInterrupted, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 ALIGN = [Example(f"a{i}", f"How do I do harmful thing {i}?", "I'm sorry, I can't help.") for i in range(6)]

@@ -10,11 +10,11 @@ import safeft.methods.repanchor  # noqa: F401  (registers "repanchor")
 import safeft.methods.saft  # noqa: F401  (registers "saft")
 import safeft.methods.saft_repanchor  # noqa: F401  (registers "saft+repanchor")
 from safeft import methods
+from safeft.context import RunContext
 from safeft.data.chat import collate
 from safeft.data.types import Example
 from safeft.packing import layout, pack, relative_error
 from safeft.testing import make_ctx, tiny_run_config
-from safeft.train import RunContext
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?" + " Please" * (i % 3), f"Answer: {i + 7}") for i in range(12)]
 AUX = {"harmful_prompts": [Example(f"h{i}", "How do I do a harmful thing" + " now" * i + "?") for i in range(6)]}

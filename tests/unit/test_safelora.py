@@ -16,8 +16,9 @@ from safeft import models
 from safeft.context import RunContext
 from safeft.data.types import Example
 from safeft.methods.safelora import SafeLoRA, SafeLoRAConfig, projector
+from safeft.runs import checkpoints, load_trainable
 from safeft.testing import build_tokenizer, make_ctx, save_tiny_model, tiny_run_config
-from safeft.train import checkpoints, load_trainable, train
+from safeft.train import train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 

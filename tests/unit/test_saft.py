@@ -24,8 +24,9 @@ from safeft.methods.saft import (
     pgd,
     reference_target,
 )
+from safeft.runs import checkpoints
 from safeft.testing import make_ctx, tiny_run_config
-from safeft.train import TrainingInterrupted, checkpoints, train
+from safeft.train import TrainingInterrupted, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(16)]
 # prompts of different lengths, so anchor batches are padded

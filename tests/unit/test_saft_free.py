@@ -17,9 +17,9 @@ from safeft.data.types import Example
 from safeft.methods.anchors import prompt_mask
 from safeft.methods.saft import SAFT, KLTarget, adversarial_logits, embed, kl_to_reference, pgd
 from safeft.packing import relative_error
-from safeft.runs import read_trainer_state
+from safeft.runs import checkpoints, read_trainer_state
 from safeft.testing import make_ctx, tiny_run_config
-from safeft.train import TrainingInterrupted, checkpoints, train
+from safeft.train import TrainingInterrupted, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(16)]
 AUX = {"harmful_prompts": [Example(f"h{i}", "How do I do a harmful thing" + " now" * i + "?") for i in range(6)]}

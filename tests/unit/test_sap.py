@@ -16,8 +16,9 @@ from safeft.context import RunContext
 from safeft.data.types import Example
 from safeft.methods.sap import SAP, contrastive_loss, default_layers
 from safeft.methods.weights import shifted
+from safeft.runs import checkpoints
 from safeft.testing import make_ctx, tiny_run_config
-from safeft.train import TrainingInterrupted, checkpoints, train
+from safeft.train import TrainingInterrupted, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 # Responses the random tiny model scores alike (|Δ log p| < 6), so L_c is O(1) and its gradient generic.

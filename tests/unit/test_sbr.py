@@ -9,11 +9,12 @@ import torch
 import safeft.methods.sbr  # noqa: F401  (registers "sbr")
 from safeft import config as C
 from safeft import models
+from safeft.context import RunContext
 from safeft.data.types import Example
 from safeft.methods.sbr import SBR, final_states
 from safeft.packing import relative_error
 from safeft.testing import make_ctx, tiny_run_config
-from safeft.train import RunContext, train
+from safeft.train import train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(12)]
 # Different lengths, so padding actually happens.
@@ -90,7 +91,7 @@ def test_streamed_anchor_batches_meet_their_own_reference_rows(tiny, tmp_path):
 def test_lam_zero_reproduces_plain_sft_exactly(tmp_path, tiny_dir):
     from safetensors.torch import load_file
 
-    from safeft.train import checkpoints
+    from safeft.runs import checkpoints
 
     runs = {}
     for name, extra in (("sft", ()), ("sbr", ("defense.lam=0",))):

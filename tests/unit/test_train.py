@@ -9,8 +9,9 @@ import torch
 
 from safeft import config as C
 from safeft.data.types import DataError, Example
+from safeft.runs import checkpoints, load_trainable
 from safeft.testing import tiny_run_config
-from safeft.train import TrainingInterrupted, checkpoints, load_trainable, train
+from safeft.train import TrainingInterrupted, train
 
 EXAMPLES = [Example(f"e{i}", f"What is {i} plus 7?", f"Answer: {i + 7}") for i in range(24)]
 
