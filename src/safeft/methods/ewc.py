@@ -85,7 +85,7 @@ class EWC(Defense):
     r"""Penalise moving the trainable weights along directions the alignment data is sensitive to.
 
     Paper: Kirkpatrick et al. 2017 (EWC); as a harmful-fine-tuning baseline, git-disl Vaccine/Booster/Lisa
-    ``FITrainer`` (spec ``algorithms.md`` §4).
+    ``FITrainer``.
 
     Objective, per micro-batch::
 

@@ -3,7 +3,7 @@
 Paper: the RepAnchor half of "Safety-Anchored Fine-Tuning" (AI4GOOD Workshop 2026,
 https://openreview.net/forum?id=DV4a7kg06D; abstract only, no code). The abstract fixes: an MSE penalty on
 "the most vulnerable layers", weighted by CKA drift, and a weight γ trading safety for utility. The rest is
-[inferred] (spec: shared/design/algorithms.md §6.3) and marked below and in ``RepAnchorConfig``.
+[inferred] and marked below and in ``RepAnchorConfig``.
 
 Objective (per micro-batch)::
 

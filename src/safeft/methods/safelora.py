@@ -99,8 +99,8 @@ def cosine(c: torch.Tensor, delta: torch.Tensor) -> float:
 class SafeLoRA(Defense):
     r"""Post-hoc: replace LoRA-B by C·B in the modules whose update leaves the safety-aligned subspace.
 
-    Paper: Hsu et al., "Safe LoRA", NeurIPS 2024, arXiv 2405.16833; code IBM/SafeLoRA ``model.py``
-    (spec ``algorithms.md`` §7c). Training is plain SFT; the projection runs in ``after_train`` and the
+    Paper: Hsu et al., "Safe LoRA", NeurIPS 2024, arXiv 2405.16833; code IBM/SafeLoRA ``model.py``.
+    Training is plain SFT; the projection runs in ``after_train`` and the
     loop saves the final checkpoint again afterwards, so the run's weights ARE the projected ones.
 
     For every LoRA module i (paired by module name with the base checkpoint)::

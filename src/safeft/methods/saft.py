@@ -5,7 +5,7 @@ Adversarial Alignment Anchoring", AI4GOOD Workshop 2026, https://openreview.net/
 Only the abstract is public (no code, no full text), so this file is the reference implementation. The
 abstract fixes: a PGD inner loop, the KL divergence to a frozen aligned reference as the adversarial
 objective, LoRA, and a weight λ trading safety for utility. Everything else is marked [inferred] below
-and in ``SAFTConfig`` (spec: shared/design/algorithms.md §6).
+and in ``SAFTConfig``.
 
 Objective (per micro-batch; x^a anchor prompts, y_ref the reference's own greedy answers to them)::
 

@@ -4,7 +4,7 @@ Paper: "Safety-Anchored Fine-Tuning" (AI4GOOD Workshop 2026, https://openreview.
 abstract only). The abstract reports 2.5 / 2.0 / 4.0 % ASR on code / finance / medical with this
 combination, and says safety and utility are "continuously tunable through λ and γ".
 
-Objective (spec: shared/design/algorithms.md §6.4)::
+Objective::
 
     L(θ) = CE(θ; b_task) + λ · KL(θ, δ*; x^a, y_ref) + γ · R(θ; x^a)
 
