@@ -25,11 +25,10 @@ def test_api_names_are_callable_and_the_submodules_still_modules():
     import inspect
 
     import safeft.train as train_module
-    from safeft.runs import load_run_model
 
     for name in ("train", "align", "diagnose", "export", "evaluate", "load_config", "load_model", "config_yaml"):
         assert callable(getattr(safeft, name)), name
-    assert safeft.train is train_module and safeft.train.load_run_model is load_run_model
+    assert safeft.train is train_module and safeft.train.TrainResult is train_module.TrainResult
     assert "resume" in inspect.signature(safeft.train).parameters  # the API function's, not a module's
     from safeft import align
 

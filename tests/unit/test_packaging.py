@@ -95,7 +95,7 @@ def test_extras_are_declared():
     extras = meta["optional-dependencies"]
     assert {"vllm", "judges", "trackers", "lm_eval", "hf"} <= set(extras)
     names = lambda extra: {r.split(">")[0].split("=")[0].split("[")[0] for r in extras[extra]}
-    assert names("trackers") == {"tensorboard", "wandb"} and "datasets" in names("hf")
+    assert names("trackers") == {"tensorboardX", "wandb"} and "datasets" in names("hf")
     assert "lm-eval" in names("lm_eval") and "vllm" in names("vllm")
     assert meta["dynamic"] == ["version"]  # from safeft.__version__, so --version cannot disagree
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from safeft import io, models, train
+from safeft import io, models, runs
 from safeft.cli import main
 from safeft.data.types import Example
 from safeft.eval import judges, records
@@ -54,7 +54,7 @@ def forbid_model_loads(monkeypatch):
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(models, "load", boom)
-    monkeypatch.setattr(train, "load_run_model", boom)
+    monkeypatch.setattr(runs, "load_run_model", boom)
 
 
 @pytest.fixture(autouse=True)
