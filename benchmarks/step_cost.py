@@ -214,7 +214,8 @@ def run_length(args: argparse.Namespace, length: str) -> None:
             spec = str(save_tiny_model(root / "tiny-model"))
             base = str(save_tiny_model(root / "tiny-base", seed=1))
         if length == "long":  # sized with the model's own tokenizer
-            examples, args.max_length = long_rows(examples, 512, models.load(spec)[1]), 640
+            # a batch pads to its longest row, not to max_length: 1024 only keeps any row from being cut
+            examples, args.max_length = long_rows(examples, 512, models.load(spec)[1]), 1024
         # SFT brackets every method: sft, m1, sft, m2, ..., sft. On a shared or throttling machine the speed
         # drifts over a long run (+10-20 % over 13 methods here); each method's ratio is to the mean of the
         # SFT runs just before and after it, so slow drift cancels instead of landing on late methods.
