@@ -185,16 +185,6 @@ class RepAnchor(Defense, Part):
             "inside the backward that ends an accumulation (without packing)"
         ),
     }
-    unsupported = {  # refused at start-up (docs/scale.md)
-        "processes": (
-            "collects its CKA probe prompts from the task micro-batches one process sees, so processes would "
-            "measure different drift and anchor different layers"
-        ),
-        "deepspeed": (
-            "runs more than one backward per micro-batch, and accelerate's DeepSpeed engine steps the optimizer "
-            "inside the backward that ends an accumulation (without packing)"
-        ),
-    }
 
     def __init__(self, cfg: RepAnchorConfig) -> None:
         super().__init__(cfg)

@@ -87,20 +87,6 @@ class SAFTRepAnchor(Defense):
             "inside the backward that ends an accumulation"
         ),
     }
-    unsupported = {  # refused at start-up (docs/scale.md)
-        "processes": (
-            "RepAnchor's part collects its CKA probe prompts from the task micro-batches one process sees, so "
-            "processes would measure different drift and anchor different layers"
-        ),
-        "fsdp": (
-            "embeds the anchors with the input embedding outside the model's forward to add the PGD perturbation,"
-            " and FSDP keeps that weight sharded there"
-        ),
-        "deepspeed": (
-            "runs more than one backward per micro-batch, and accelerate's DeepSpeed engine steps the optimizer "
-            "inside the backward that ends an accumulation"
-        ),
-    }
 
     def __init__(self, cfg: SAFTRepAnchorConfig) -> None:
         super().__init__(cfg)
