@@ -222,8 +222,16 @@ def run_length(args: argparse.Namespace, length: str) -> None:
         others = [m for m in methods if m != "sft"]
         sft_runs = [_measure("sft", spec, args, examples, root, base, run_id="sft-0")]
         results: dict[str, dict] = {"sft": sft_runs[0]}
+        failed: dict[str, str] = {}
         for m in others:
-            results[m] = _measure(m, spec, args, examples, root, base)
+            # One method that cannot run here (Safe LoRA on a model identical to its base, say) must not throw
+            # away the rows measured before it: it is reported as failed, with its error, and the run goes on.
+            try:
+                results[m] = _measure(m, spec, args, examples, root, base)
+                print(f"  {m}: {results[m]['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 - reported in the table, never silently dropped
+                failed[m] = f"{type(e).__name__}: {e}"
+                print(f"  {m}: FAILED ({failed[m]})", file=sys.stderr, flush=True)
             gc.collect()  # the last method's model and optimizer are not the next run's memory pressure
             sft_runs.append(_measure("sft", spec, args, examples, root, base, run_id=f"sft-{len(sft_runs)}"))
 
@@ -231,7 +239,7 @@ def run_length(args: argparse.Namespace, length: str) -> None:
     # SFT against itself: its first run against the mean of all of them (the noise floor of this table)
     local = {"sft": statistics.mean(sft_times)}
     for i, m in enumerate(others):
-        local[m] = (sft_times[i] + sft_times[i + 1]) / 2
+        local[m] = (sft_times[i] + sft_times[i + 1]) / 2  # failed methods keep their slot: SFT ran around them
     print(
         f"\n{length} rows: step cost on {'a tiny random model' if args.tiny else args.model}, batch {args.batch_size}, "
         f"mean of {args.steps} steps after {args.warmup} warm-up\n"
@@ -245,6 +253,8 @@ def run_length(args: argparse.Namespace, length: str) -> None:
             f"| {m:<30} | {r['s_per_step']:6.3f} | {local[m]:20.3f} | {r['s_per_step'] / local[m]:12.2f} "
             f"| {r['fwd']:8.1f} | {r['bwd']:8.1f} | {r['positions']:14.0f} ({r['positions'] / pos:4.2f}) |"
         )
+    for m, err in failed.items():
+        print(f"| {m:<30} | failed: {err}")
     if len(sft_times) > 1:
         print(
             f"\nSFT measured {len(sft_times)} times, around every method: {min(sft_times):.3f}-{max(sft_times):.3f} "
