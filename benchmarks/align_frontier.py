@@ -42,8 +42,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from safeft import config as C
 from safeft import io, models
 from safeft.align import align, cache_key, select_prompts
@@ -54,7 +52,7 @@ from safeft.eval import judges, records
 from safeft.eval.generate import GenSettings
 from safeft.eval.suites.base import subset
 from safeft.eval.suites.judged import harmful, over_refusal
-from safeft.experiments.sweep import Cell, expand
+from safeft.experiments.sweep import Cell, read_grid_file
 from safeft.stats import Rate
 
 log = logging.getLogger("align_frontier")
@@ -69,29 +67,7 @@ SUITES = ("dev_harmful", "dev_over_refusal")
 def load_grid(path: str | Path, out_dir: str | Path | None = None) -> tuple[list[Cell], dict[str, C.RunConfig], Path]:
     """The settings of a grid file, each with its resolved config (all checked before anything runs)."""
     path = Path(path)
-    if not path.exists():
-        raise C.ConfigError(f"{path}: grid file not found")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise C.ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(spec, dict):
-        raise C.ConfigError(f"{path}: top level must be a mapping")
-    unknown = sorted(set(spec) - {"base", "overrides", "grid", "grids", "out_dir"})
-    if unknown:
-        raise C.ConfigError(f"{path}: unknown key(s) {unknown}; valid: base, overrides, grid, grids, out_dir")
-    if "grid" in spec and "grids" in spec:
-        raise C.ConfigError(f"{path}: give either grid (one mapping) or grids (a list), not both")
-    grids = spec.get("grids") or ([spec["grid"]] if "grid" in spec else None)
-    if not grids:
-        raise C.ConfigError(f"{path}: a frontier needs grid: (dotted key -> list of values) or grids: [...]")
-    base = (path.parent / spec["base"]).resolve() if spec.get("base") else None
-    if base is not None and not base.exists():
-        raise C.ConfigError(f"{path}: base config {base} not found")
-    overrides = spec.get("overrides") or []
-    if not isinstance(overrides, list):
-        raise C.ConfigError(f"{path}: overrides must be a list of key=value strings")
-    cells = expand(grids, str(path))
+    spec, base, overrides, cells = read_grid_file(path, what="frontier")
     configs = {}
     for cell in cells:
         try:

@@ -163,3 +163,35 @@ def test_seeds_are_aggregated_with_a_t_interval():
 def test_pareto_front():
     pts = [(0.1, 0.1), (0.2, 0.3), (0.05, 0.5), (0.2, 0.2), (0.3, 0.9)]
     assert sorted(R.pareto_front(pts)) == [0, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("text", "extra", "error"),
+    [
+        ("grid: {a.b: [1]}\nbogus: 1\n", (), r"unknown key\(s\) \['bogus'\]"),
+        ("grid: {a.b: [1]}\nalign: true\n", (), r"unknown key\(s\) \['align'\]"),  # a frontier file has no align
+        ("grid: {a.b: [1]}\ngrids: [{a.b: [2]}]\n", (), "either grid"),
+        ("base: missing.yaml\ngrid: {a.b: [1]}\n", (), "base config .*missing.yaml not found"),
+        ("overrides: 3\ngrid: {a.b: [1]}\n", (), "overrides must be"),
+        ("overrides: [x=1]\n", ("align",), "needs grid"),
+        ("grid: [unclosed\n", (), "not valid YAML"),
+    ],
+)
+def test_grid_file_errors_name_the_file(tmp_path: Path, text: str, extra: tuple, error: str) -> None:
+    # The one reader behind `safeft sweep` files and the alignment frontier's grid files.
+    f = tmp_path / "g.yaml"
+    f.write_text(text)
+    with pytest.raises(C.ConfigError, match=error) as e:
+        S.read_grid_file(f, extra)
+    assert str(f) in str(e.value)
+
+
+def test_grid_file_reads_base_overrides_and_cells(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("train: {steps: 3}\n")
+    f = tmp_path / "g.yaml"
+    f.write_text("base: base.yaml\noverrides: {train.lr: 0.001}\ngrids:\n  - {defense.name: [sft, sbr]}\n")
+    spec, base, overrides, cells = S.read_grid_file(f)
+    assert base == (tmp_path / "base.yaml").resolve()
+    assert overrides == ["train.lr=0.001"]
+    assert [c.overrides for c in cells] == [{"defense.name": "sft"}, {"defense.name": "sbr"}]
+    assert spec["base"] == "base.yaml"

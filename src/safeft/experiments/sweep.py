@@ -114,18 +114,22 @@ def expand(grids: list[dict[str, list[Any]]], where: str) -> list[Cell]:
     return cells
 
 
-def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
-    """Parse a sweep file and build (and so check) every cell's config; nothing is written."""
+def read_grid_file(
+    path: str | Path, extra_keys: tuple[str, ...] = (), what: str = "sweep"
+) -> tuple[dict[str, Any], Path | None, list[str], list[Cell]]:
+    """The parts every grid file shares (``base``, ``overrides``, ``grid``/``grids``, ``out_dir``), checked:
+    (the raw mapping, the base config's path, the overrides as key=value strings, the cells). ``extra_keys``
+    are the caller's own top-level keys; any other key is an error naming the file."""
     path = Path(path)
     if not path.exists():
-        raise C.ConfigError(f"{path}: sweep file not found")
+        raise C.ConfigError(f"{path}: {what} file not found")
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise C.ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(spec, dict):
         raise C.ConfigError(f"{path}: top level must be a mapping")
-    known = {"base", "overrides", "grid", "grids", "align", "out_dir"}
+    known = {"base", "overrides", "grid", "grids", "out_dir", *extra_keys}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise C.ConfigError(f"{path}: unknown key(s) {unknown}; valid: {sorted(known)}")
@@ -135,16 +139,24 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     overrides = spec.get("overrides") or []
     if isinstance(overrides, dict):
         overrides = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+    if not isinstance(overrides, list):
+        raise C.ConfigError(f"{path}: overrides must be a list of key=value strings or a mapping")
     if "grid" in spec and "grids" in spec:
         raise C.ConfigError(f"{path}: give either grid (one mapping) or grids (a list), not both")
     grids = spec.get("grids") or ([spec["grid"]] if "grid" in spec else None)
     if not grids:
-        raise C.ConfigError(f"{path}: a sweep needs grid: (dotted key -> list of values) or grids: [...]")
+        raise C.ConfigError(f"{path}: a {what} needs grid: (dotted key -> list of values) or grids: [...]")
+    return spec, base, [str(o) for o in overrides], expand(grids, str(path))
+
+
+def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
+    """Parse a sweep file and build (and so check) every cell's config; nothing is written."""
+    path = Path(path)
+    spec, base, overrides, cells = read_grid_file(path, ("align",))
     if not isinstance(spec.get("align", False), bool):
         raise C.ConfigError(f"{path}: align must be true or false")
-    cells = expand(grids, str(path))
     out = Path(out_dir or spec.get("out_dir") or Path("runs") / "sweeps" / path.stem)
-    sweep = Sweep(path, base, list(overrides), cells, out, bool(spec.get("align", False)))
+    sweep = Sweep(path, base, overrides, cells, out, bool(spec.get("align", False)))
     for cell in cells:
         try:
             sweep.configs[cell.name] = C.load(
