@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
 def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     methods = cfg.demo.methods
+    # a method is name[:key=value,...] (``saft+repanchor:pgd_mode=free``), built before anything is aligned or
+    # trained, so a typo in the last method fails in a second
+    defenses = {name: C.defense_from_spec(name, f"demo.methods[{i}]") for i, name in enumerate(methods)}
     domain = _domain(cfg)
     out = Path(cfg.out_dir) / (cfg.run_id or f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
@@ -85,12 +89,9 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     for name in methods:
         t = time.perf_counter()
         ft_cfg = dataclasses.replace(
-            cfg,
-            model=dataclasses.replace(cfg.model, spec=str(aligned_dir)),
-            defense=C.build(C.DefenseConfig, {"name": name}, "defense"),
-            run_id=None,
+            cfg, model=dataclasses.replace(cfg.model, spec=str(aligned_dir)), defense=defenses[name], run_id=None
         )
-        res = train(ft_cfg, run_dir=out / name, progress=progress)
+        res = train(ft_cfg, run_dir=out / re.sub(r"[^A-Za-z0-9_.+-]", "-", name), progress=progress)
         timings[f"train:{name}"] = time.perf_counter() - t
         _eval(name, res.model, res.tokenizer)
 

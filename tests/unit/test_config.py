@@ -90,3 +90,23 @@ def test_demo_yaml_matches_the_cli_defaults():
     shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     for section, values in DEMO_DEFAULTS.items():
         assert shipped[section] == values, section
+
+
+def test_defense_from_spec_builds_the_methods_config_with_options() -> None:
+    d = C.defense_from_spec("saft+repanchor:pgd_mode=free,lam=0.3")
+    assert (d.name, d.pgd_mode, d.lam) == ("saft+repanchor", "free", 0.3)
+    assert C.defense_from_spec("sft").name == "sft"
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ("sbr:lam", r"demo.methods\[2\]: 'sbr:lam' is not name\[:key=value"),
+        (":lam=1", "is not name"),
+        ("sbr:no_such_key=1", "no_such_key"),
+        ("not-a-method", "not-a-method"),
+    ],
+)
+def test_defense_from_spec_errors_name_the_key(spec: str, error: str) -> None:
+    with pytest.raises(C.ConfigError, match=error):
+        C.defense_from_spec(spec, "demo.methods[2]")

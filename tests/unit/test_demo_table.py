@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from safeft.config import EvalConfig
 from safeft.demo import format_table, table_cells
 from safeft.eval import judges, records
@@ -80,3 +82,17 @@ def test_a_tiny_model_evaluated_under_both_judges(tiny, tmp_path):
     cells = table_cells(summary, "finance", _judges(ev))
     assert {"asr@refusal_layered", "asr@refusal_keywords", "over_refusal@refusal_keywords", "acc"} <= set(cells)
     assert cells["asr@refusal_keywords"].n == 3 and cells["acc"].n == 2
+
+
+def test_a_bad_method_spec_fails_before_anything_is_aligned(tmp_path, monkeypatch) -> None:
+    from safeft import config as C
+    from safeft import demo as D
+
+    def no_align(*a, **k):
+        raise AssertionError("aligned before the methods were checked")
+
+    monkeypatch.setattr(D, "align", no_align)
+    cfg = C.load(overrides=["demo.methods=[sft, 'saft+repanchor:pgd_mode=free', 'sbr:lam']", f"out_dir={tmp_path}"])
+    with pytest.raises(C.ConfigError, match=r"demo.methods\[2\]"):
+        D.demo(cfg, progress=False)
+    assert not any(tmp_path.iterdir())  # nothing written
