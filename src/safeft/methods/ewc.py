@@ -54,7 +54,7 @@ def fisher_diagonal(
       reference's estimator; ≈ B× smaller per batch than the per-example one, so λ is not comparable).
 
     Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` is left behind to leak into the
-    first training step (the reference's pitfall §4.5-1). Each micro-batch is one counted F+B.
+    first training step (a pitfall of the reference code). Each micro-batch is one counted F+B.
     """
     if reduction not in REDUCTIONS:
         raise ConfigError(f"defense.fisher_reduction must be one of {', '.join(REDUCTIONS)}, not {reduction!r}")
@@ -67,7 +67,7 @@ def fisher_diagonal(
 
     for chunk in tqdm(chunks, desc="ewc fisher", disable=len(chunks) < 20, leave=False):
         batch = ctx.batch(chunk)
-        # fp32, no autocast: squared bf16 gradients underflow (spec §4.5-2)
+        # fp32, no autocast: squared bf16 gradients underflow
         loss = ctx.forward(batch, autocast=False).loss.float()
         # allow_unused: a parameter the loss does not reach has zero Fisher (not an error).
         grads = ctx.grad(loss, tensors, allow_unused=True)
@@ -103,19 +103,19 @@ class EWC(Defense):
         un-normalised, summed-minibatch Fisher (with ½ dropped), which is not comparable.
       * ``fisher_samples`` (N) = 256 [inferred; the reference uses 2000 rows, our alignment split holds
         400]; range 64-all.
-      * ``fisher_reduction`` = ``mean_per_example_sq`` (spec §4.3, recommended) or ``sum_minibatch_sq``
-        (the reference's: squared minibatch gradients, summed, batch ``fisher_batch`` = 5).
+      * ``fisher_reduction`` = ``mean_per_example_sq`` (the textbook diagonal Fisher, recommended) or
+        ``sum_minibatch_sq`` (the reference's: squared minibatch gradients, summed, batch ``fisher_batch`` = 5).
       * ``normalize`` = True: F ← F / mean(F) over all trainable entries, so λ does not depend on the
-        estimator, the model size or the loss scale (spec §4.3). The raw mean is logged once.
+        estimator, the model size or the loss scale. The raw mean is logged once.
 
     Data: the aux set ``alignment`` (harmful prompt → refusal), passed explicitly, never the task data or
-    whatever happens to be an eval set (the Booster code computed it on harmful rows, §4.5-5).
+    whatever happens to be an eval set (the Booster code computed it on harmful rows).
 
     Cost: per step 1 F+B (SFT's) plus an O(P) elementwise term. One-off: N F+B per-example passes (or
     N/B minibatch passes). Memory: F and θ*, one fp32 copy each of the trainable parameters; both are kept
     in the checkpoint, so a resumed run penalises toward the same θ* with the same F.
 
-    Variant run here (§4.5-4): fine-tuning attaches a FRESH LoRA to the merged aligned model, so
+    Variant run here: fine-tuning attaches a FRESH LoRA to the merged aligned model, so
     θ* = (A random, B = 0). At B = 0 the gradient w.r.t. A vanishes, so F_A = 0 and the penalty is a
     Fisher-weighted L2 on the new adapter's B (and free movement of A). The reference instead continues
     the alignment LoRA. Under full fine-tuning θ* is the aligned weights themselves.

@@ -39,7 +39,7 @@ reference forward over anchors and probes.
 * Anchor rows = harmful prompt + the reference's greedy answer y_ref (the same rows SAFT uses, so
   ``saft+repanchor`` shares one anchor stream); ``ref_max_new_tokens=0`` anchors on prompts only. The MSE
   covers every real token of the row except the first (BOS / first template token: massive activations
-  would dominate it, spec §6.8 pitfall 4).
+  would dominate it; a known pitfall of activation-matching losses).
 * The reference's hidden states of the anchors are cached once for every candidate layer (all layers in
   top-k mode): anchors x tokens x layers x d fp32, ~0.4 GB for SmolLM2-135M at 64 anchors x 100 tokens,
   fine at our sizes; a fixed window caches only its layers.

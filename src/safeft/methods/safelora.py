@@ -122,7 +122,8 @@ class SafeLoRA(Defense):
       * ``threshold`` (τ) = 0.5 (reference); range 0-1 (higher projects more modules).
       * ``num_proj_layers`` (K) = 10 (reference); range 0-all; ``select=number`` with K = 0 projects
         nothing and reproduces SFT exactly.
-      * ``exact_projection`` = False (parity); True uses the true orthogonal projector (§7c-3).
+      * ``exact_projection`` = False (parity: V Vᵀ / ‖V‖_F as the reference computes it); True uses the true
+        orthogonal projector onto col(V).
 
     Data: none beyond SFT's; it needs the base model's weights.
 

@@ -44,7 +44,7 @@ class SAPConfig(DefenseConfig):
     probe_lr: float = 0.05  # η_V, lr of the probe's AdamW
     contrastive_batch: int = 8  # (prompt, safe, harmful) triples per direction estimate
     temperature: float = 1.0  # T in −log σ(Δ/T)
-    reference_parity: bool = False  # True = the released code's contrastive loss, bug included (§3.6-1)
+    reference_parity: bool = False  # True = the released code's contrastive loss, bug included
     # [ours] the harmful contrastive rows read their prompt's states from the safe row in the one contrastive
     # forward (safeft.packing) when the model passes the setup check; false = safe and harmful rows batched
     # plainly. Same objective either way.
