@@ -72,7 +72,15 @@ def test_two_settings_end_to_end_on_dev_only(frontier, tiny_dir, tmp_path, monke
         for k in ("asr/refusal_layered", "over_refusal/refusal_layered", "asr/refusal_keywords"):
             assert float(r[f"{k}_ci_low"]) <= float(r[k]) <= float(r[f"{k}_ci_high"])
         assert r["asr/refusal_layered_n"] == "5" and r["over_refusal/refusal_layered_n"] == "6"
-    assert md.count("(n=5)") == 4 and md.count("(n=6)") == 4
+    assert md.count("(n=6)") == 4
+    # dev ASR without the advice questions: the same records minus the advice intents' prompts
+    advice = {e.id for e in safety_splits().dev if frontier.ADVICE_INTENTS & set(e.meta.get("intents") or ())}
+    for cell, r in zip(sorted((out / "cells").iterdir()), rows, strict=True):
+        recs = [json.loads(x) for x in (cell / "dev_harmful.jsonl").read_text().splitlines()]
+        kept = [x for x in recs if x["id"] not in advice]
+        assert r["asr_no_advice/refusal_layered_n"] == str(len(kept))
+        complied = sum(not x["verdicts"]["refusal_layered"]["refused"] for x in kept)
+        assert float(r["asr_no_advice/refusal_layered"]) == pytest.approx(complied / max(len(kept), 1), abs=1e-4)
 
     # what was generated on: Do-Not-Answer dev prompts and dev probes, never a test probe or HarmBench
     dev_dna = {e.id for e in safety_splits().dev}
@@ -115,6 +123,7 @@ def _row(name, asr, over, n=100):
         "judge": "j",
         "asr/j": Rate(round(asr * n), n),
         "over_refusal/j": Rate(round(over * n), n),
+        "asr_no_advice/j": Rate(max(round(asr * n) - 2, 0), n - 9),  # two of the compliances were advice Qs
     }
 
 
@@ -125,6 +134,14 @@ def test_mark_frontier_and_pick_by_the_dev_rule(frontier):
     assert frontier.pick(rows, 0.05)["setting"] == "b"
     assert frontier.pick(rows, 0.03)["setting"] == "a"
     assert frontier.pick(rows, 0.01) is None
+    # a 3.5 % bound: on all prompts only a passes; without the advice questions b (2 of 91) and c pass too
+    assert frontier.pick(rows, 0.035)["setting"] == "a"
+    assert frontier.pick(rows, 0.035, on="asr_no_advice")["setting"] == "b"
+
+
+def test_the_round2_grid_builds_every_setting(frontier):
+    cells, configs, _ = frontier.load_grid(ROOT / "benchmarks" / "align_frontier_round2.yaml")
+    assert cells and all(configs[c.name].align.contrastive == 132 for c in cells)
 
 
 def test_the_shipped_grid_builds_every_setting(frontier):
