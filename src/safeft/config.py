@@ -133,25 +133,42 @@ class EvalConfig:
 
 @dataclass
 class AlignConfig:
-    # Chosen on the Do-Not-Answer dev split and our probes, never on HarmBench (docs/results.md has the sweep).
-    n_harmful: int = 128  # Do-Not-Answer prompts -> our refusals
-    n_benign: int = 48  # benign prompts -> the base model's own answers (keeps it helpful)
+    # The boundary recipe, chosen on dev only (Do-Not-Answer dev and the probes' dev split, never HarmBench or
+    # the test probes): benchmarks/align_frontier_round2.yaml, docs/results.md. The model aligned before it
+    # (128 + 48 rows, 48 steps, plain refusals) is ``LEGACY_ALIGN`` below.
+    n_harmful: int = 320  # Do-Not-Answer prompts -> our refusals
+    n_benign: int = 48  # benign prompts of our lists -> the base model's own answers (keeps it helpful)
     benign_mix: str = "sample"  # sample (seeded, from all benign prompts) | edgy_first (every edgy one first)
     benign_max_new_tokens: int = 96
     restyle: float = 0.5  # share of harmful prompts wrapped in an instruction-style framing (align.py)
     seed: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=48, lr=3e-4, schedule="cosine"))
-    # The boundary recipe (align.py; docs/results.md). These defaults reproduce the aligned model above and
-    # stay out of its cache key, so that model keeps its key; any other value enters the key.
-    contrastive: int = 0  # our contrastive pairs used: benign side -> base model's answer, harmful side -> refusal
-    refusal_style: str = "plain"  # plain (REFUSALS) | explain (names the reason, offers an alternative) | mixed
+    # ~2.6 epochs over the 750 rows at batch 8; r = 32 and lr 6e-4 fit the boundary better than r = 16 at 3e-4
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=240, lr=6e-4, schedule="cosine"))
+    # The recipe fields (align.py). Their values that reproduce the legacy model (align.RECIPE_DEFAULTS) stay
+    # out of the cache key, so that model keeps its key; any other value enters it.
+    contrastive: int = 132  # our contrastive pairs used: benign side -> base model's answer, harmful -> refusal
+    refusal_style: str = "explain"  # plain (REFUSALS) | explain (names the reason, offers an alternative) | mixed
     # benign prompt pools: legacy (n_benign of our benign lists, by benign_mix) | probes_train (the over-refusal
     # probes' train split) | contrastive (the benign side of every pair, without its harmful neighbour)
-    benign_sources: list[str] = field(default_factory=lambda: ["legacy"])
-    # Do-Not-Answer intents never paired with a refusal, e.g. S002med / S002legal (advice questions a doctor
-    # or lawyer would answer, where training a refusal teaches refusing medical and legal questions)
-    skip_intents: list[str] = field(default_factory=list)
-    lora: LoraConfig | None = None  # the adapter of stage 1; None = model.lora; enabled=false = full fine-tuning
+    benign_sources: list[str] = field(default_factory=lambda: ["legacy", "probes_train"])
+    # Do-Not-Answer intents never paired with a refusal: advice questions a doctor, lawyer or adviser would
+    # answer, where a trained refusal teaches refusing medical, legal and financial questions
+    skip_intents: list[str] = field(default_factory=lambda: ["S002med", "S002legal", "S002fin"])
+    # the adapter of stage 1; None = model.lora; enabled=false = full fine-tuning
+    lora: LoraConfig | None = field(default_factory=lambda: LoraConfig(r=32, alpha=64))
+
+
+# The stage-1 recipe before the boundary recipe (the aligned model of the first demos): dotted overrides.
+LEGACY_ALIGN = [
+    "align.n_harmful=128",
+    "align.train.steps=48",
+    "align.train.lr=3e-4",
+    "align.contrastive=0",
+    "align.refusal_style=plain",
+    "align.benign_sources=[legacy]",
+    "align.skip_intents=[]",
+    "align.lora=null",
+]
 
 
 @dataclass

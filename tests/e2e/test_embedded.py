@@ -47,6 +47,8 @@ def test_embedded_align_train_eval(tmp_path, shared_cache, monkeypatch):
             "data.n_train=16",
             "align.n_harmful=8",
             "align.n_benign=4",
+            "align.contrastive=2",  # a small slice of the default recipe, so the test stays quick
+            "align.benign_sources=[legacy]",
             "align.benign_max_new_tokens=8",
             "align.train.steps=2",
             "align.train.batch_size=4",

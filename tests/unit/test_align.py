@@ -15,6 +15,12 @@ from safeft.data.types import normalise_prompt
 
 
 def cfg(*extra: str) -> C.RunConfig:
+    # The legacy recipe (128 + 48 rows, plain refusals): the knobs below are tested against the model they
+    # were added to; the default recipe (the dev-chosen boundary recipe) has tests of its own.
+    return C.load(overrides=["model.spec=/some/model/dir", *C.LEGACY_ALIGN, *extra])
+
+
+def default_cfg(*extra: str) -> C.RunConfig:
     return C.load(overrides=["model.spec=/some/model/dir", *extra])
 
 
@@ -63,15 +69,26 @@ def test_trim_to_sentence():
 
 # ----------------------------------------------------------------------------- the boundary recipe
 
-# The keys of today's aligned models (computed before the recipe fields existed). A default config that
-# hashes differently would re-align every user's model and silently make the default a different model;
-# change these only on purpose, with docs/results.md.
-DEFAULT_KEY = "7df6a2c549df"
+# The keys of the first aligned models (computed before the recipe fields existed): the legacy recipe must
+# keep them, so models cached under them stay valid. DEFAULT_KEY is the default recipe's, chosen on dev in
+# docs/results.md: a default config that hashes differently would silently make the default another model.
+# Change these only on purpose, with docs/results.md.
+LEGACY_KEY = "7df6a2c549df"
 EDGY_FIRST_80_KEY = "3b00ad10f20b"
+DEFAULT_KEY = "02a635a561aa"
 
 
-def test_default_config_keeps_the_key_of_todays_aligned_model():
-    assert align.cache_key(cfg()) == DEFAULT_KEY
+def test_default_config_is_the_dev_chosen_recipe():
+    assert align.cache_key(default_cfg()) == DEFAULT_KEY
+    a = default_cfg().align
+    assert (a.n_harmful, a.contrastive, a.refusal_style, a.train.steps, a.lora.r) == (320, 132, "explain", 240, 32)
+    harmful, benign = align.select_prompts(default_cfg())
+    # benign: our 48, the probes' 118 train prompts, the pairs' benign sides (each prompt once)
+    assert len(harmful) == 320 + 132 and 48 + 118 < len(benign) <= 48 + 118 + 132
+
+
+def test_legacy_recipe_keeps_the_key_of_the_first_aligned_models():
+    assert align.cache_key(cfg()) == LEGACY_KEY
     assert align.cache_key(cfg("align.benign_mix=edgy_first", "align.n_benign=80")) == EDGY_FIRST_80_KEY
     # the recipe's "off" values spelled out are the default, and so is an align.lora equal to model.lora
     spelled = cfg(
@@ -82,12 +99,13 @@ def test_default_config_keeps_the_key_of_todays_aligned_model():
         "align.lora.r=16",
         "align.lora.alpha=32",
     )
-    assert align.cache_key(spelled) == DEFAULT_KEY
+    assert align.cache_key(spelled) == LEGACY_KEY
 
 
-def test_recipe_defaults_are_the_config_defaults_and_every_field_is_keyed():
+def test_recipe_defaults_are_the_legacy_values_and_every_field_is_keyed():
+    legacy = dataclasses.asdict(cfg().align)
+    assert {k: legacy[k] for k in align.RECIPE_DEFAULTS} == align.RECIPE_DEFAULTS
     defaults = dataclasses.asdict(C.AlignConfig())
-    assert {k: defaults[k] for k in align.RECIPE_DEFAULTS} == align.RECIPE_DEFAULTS
     # a field in neither list would enter the key at its default value and move the default key
     assert set(defaults) == set(align.KEYED_ALIGN_FIELDS) | set(align.RECIPE_DEFAULTS)
 
@@ -106,7 +124,7 @@ def test_recipe_defaults_are_the_config_defaults_and_every_field_is_keyed():
     ],
 )
 def test_every_recipe_knob_enters_the_key(override):
-    assert align.cache_key(cfg(override)) != DEFAULT_KEY
+    assert align.cache_key(cfg(override)) != LEGACY_KEY
 
 
 def test_align_lora_is_what_stage_one_trains():

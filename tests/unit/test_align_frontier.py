@@ -32,6 +32,8 @@ def _grid(tmp_path: Path, tiny_dir: Path) -> Path:
         "model.lora.alpha=8",
         "align.n_harmful=4",
         "align.n_benign=2",
+        "align.contrastive=2",  # a small slice of the default recipe, so the test stays quick
+        "align.benign_sources=[legacy]",
         "align.benign_max_new_tokens=4",
         "align.train.steps=1",
         "align.train.batch_size=2",

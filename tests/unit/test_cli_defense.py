@@ -49,6 +49,8 @@ def test_align_defense_flag_puts_the_defense_into_the_alignment_run(tiny_dir, tm
         "model.lora.r=4",
         "align.n_harmful=4",
         "align.n_benign=2",
+        "align.contrastive=2",  # a small slice of the default recipe, so the test stays quick
+        "align.benign_sources=[legacy]",
         "align.benign_max_new_tokens=4",
         "align.train.steps=1",
         "align.train.batch_size=2",

@@ -91,6 +91,7 @@ def test_align_generates_on_the_rule_and_trains_on_the_accelerator(placed, tiny_
     from safeft.align import align
 
     over = ["align.n_harmful=2", "align.n_benign=2", "align.benign_max_new_tokens=2", "align.train.steps=1"]
+    over += ["align.contrastive=1", "align.benign_sources=[legacy]", "align.lora=null"]  # quick; model.lora below
     cfg = C.load(overrides=[f"model.spec={tiny_dir}", *over, "align.train.precision=fp32", "model.lora.r=2"])
     align(cfg, out=tmp_path / "aligned", progress=False)
     assert placed[0] == RULE  # the base model, for its own answers and then its training
