@@ -69,7 +69,9 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
 
     def _eval(label: str, model, tok) -> None:
         t = time.perf_counter()
-        summary = evaluate_twice(model, tok, cfg, out / label, domain)
+        # the records go into the method's run directory: a label like saft+repanchor:pgd_mode=free is not a
+        # directory name the train step would make
+        summary = evaluate_twice(model, tok, cfg, out / run_dir_name(label), domain)
         rows[label] = headline(summary)
         cells[label] = table_cells(summary, domain, judged_by)
         timings[f"eval:{label}"] = time.perf_counter() - t
@@ -91,7 +93,7 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
         ft_cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, spec=str(aligned_dir)), defense=defenses[name], run_id=None
         )
-        res = train(ft_cfg, run_dir=out / re.sub(r"[^A-Za-z0-9_.+-]", "-", name), progress=progress)
+        res = train(ft_cfg, run_dir=out / run_dir_name(name), progress=progress)
         timings[f"train:{name}"] = time.perf_counter() - t
         _eval(name, res.model, res.tokenizer)
 
@@ -110,6 +112,11 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     print(table)
     print(f"\nwritten under {out}  (total {timings['total'] / 60:.1f} min)")
     return result
+
+
+def run_dir_name(method: str) -> str:
+    """A method spec as a directory name: ``saft+repanchor:pgd_mode=free`` -> ``saft+repanchor-pgd_mode-free``."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", method)
 
 
 def evaluate_twice(model, tok, cfg: C.RunConfig, out: Path, domain: str) -> dict[str, Any]:

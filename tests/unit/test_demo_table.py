@@ -96,3 +96,10 @@ def test_a_bad_method_spec_fails_before_anything_is_aligned(tmp_path, monkeypatc
     with pytest.raises(C.ConfigError, match=r"demo.methods\[2\]"):
         D.demo(cfg, progress=False)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_method_spec_becomes_one_run_directory_name():
+    from safeft.demo import run_dir_name
+
+    assert run_dir_name("saft+repanchor:pgd_mode=free") == "saft+repanchor-pgd_mode-free"
+    assert run_dir_name("sft") == "sft"
