@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 
@@ -133,8 +132,8 @@ def test_alignment_prompts_with_a_test_probe_fail_before_any_generation(ours, mo
 
     test_probe = next(e for e in ours if e.meta["split"] == "test")
     monkeypatch.setattr(align, "safety_splits", lambda seed=0: _fake_splits())
-    cfg = C.RunConfig()
-    cfg = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, benign_mix="edgy_first"))
+    # the legacy recipe's 128 harmful prompts fit the fake align split; edgy_first takes every edgy prompt
+    cfg = C.load(overrides=[*C.LEGACY_ALIGN, "align.benign_mix=edgy_first"])
     harmful, benign = align.select_prompts(cfg)  # clean: passes
     assert harmful and benign
     monkeypatch.setattr(refusals, "BENIGN_EDGY_PROMPTS", (*refusals.BENIGN_EDGY_PROMPTS, test_probe.prompt))
