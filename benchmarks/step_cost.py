@@ -38,7 +38,6 @@ import gc
 import importlib
 import json
 import logging
-import re
 import statistics
 import sys
 import tempfile
@@ -68,6 +67,7 @@ for _name in (
 from safeft import config as C  # noqa: E402
 from safeft import models  # noqa: E402
 from safeft.data.domains import load_domain  # noqa: E402
+from safeft.demo import run_dir_name  # noqa: E402
 from safeft.methods import METHODS  # noqa: E402
 from safeft.testing import save_tiny_model  # noqa: E402
 from safeft.train import train  # noqa: E402
@@ -113,29 +113,24 @@ def long_rows(examples: list, target_tokens: int = 512, tok=None) -> list:
     return out
 
 
-def parse_method(spec: str) -> tuple[str, list[str]]:
-    """``name[:key=value,...]`` -> (registered name, ``defense.key=value`` overrides); unknown names exit."""
-    name, _, opts = spec.partition(":")
+def method_defense(spec: str, base: str) -> C.DefenseConfig:
+    """``name[:key=value,...]`` -> its defense config (``config.defense_from_spec``), with what the method cannot
+    run without: a post-hoc method that compares the model with its unaligned base (Safe LoRA) gets
+    ``--base-model``. An unknown name or option exits."""
+    name = spec.partition(":")[0]
     if name not in METHODS:
         raise SystemExit(f"unknown method {name!r} in {spec!r}; registered: {', '.join(METHODS)}")
-    pairs = [kv for kv in opts.split(",") if kv]
-    bad = [kv for kv in pairs if "=" not in kv]
-    if bad:
-        raise SystemExit(f"method {spec!r}: options are key=value, got {bad}")
-    return name, [f"defense.{kv}" for kv in pairs]
-
-
-def _required(method: str, base: str) -> list[str]:
-    """Overrides a method cannot run without, read from its Config's fields: a post-hoc method that compares
-    the model with its unaligned base (Safe LoRA) gets ``--base-model``."""
-    fields = {f.name for f in dataclasses.fields(METHODS.get(method).Config)}
-    return [f"defense.base_model={base}"] if "base_model" in fields else []
+    fields = {f.name for f in dataclasses.fields(METHODS.get(name).Config)}
+    try:
+        return C.defense_from_spec(spec, f"method {spec!r}", [f"base_model={base}"] if "base_model" in fields else [])
+    except C.ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _measure(
     method: str, spec: str, args: argparse.Namespace, examples: list, root: Path, base: str, run_id: str = ""
 ) -> dict:
-    name, options = parse_method(method)
+    defense = method_defense(method, base)
     cfg = C.load(
         overrides=[
             f"model.spec={spec}",
@@ -143,15 +138,13 @@ def _measure(
             f"train.steps={args.warmup + args.steps}",
             f"train.batch_size={args.batch_size}",
             f"train.precision={args.precision}",
-            f"defense.name={name}",
-            *options,
             f"out_dir={root / 'runs'}",
             # a fresh directory: an existing one would be resumed
-            f"run_id={run_id or re.sub(r'[^A-Za-z0-9_.+-]', '-', method)}",
+            f"run_id={run_id or run_dir_name(method)}",
             f"data.max_length={args.max_length}",
-            *_required(name, base),
         ]
     )
+    cfg = dataclasses.replace(cfg, defense=defense)
     print(f"measuring {method} ({args.warmup} + {args.steps} steps) ...", file=sys.stderr, flush=True)
     model, tok = models.load(spec)
     res = train(cfg, examples=examples, model=model, tokenizer=tok, progress=False)
@@ -197,12 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_length(args: argparse.Namespace, length: str) -> None:
     for m in args.methods:  # an unknown name or option exits before anything runs
-        name, options = parse_method(m)
-        if options:
-            try:
-                C.load(overrides=[f"defense.name={name}", *options, *_required(name, args.base_model)])
-            except C.ConfigError as e:
-                raise SystemExit(f"method {m!r}: {e}") from None
+        method_defense(m, args.base_model)
     methods = ["sft"] + [m for m in args.methods if m != "sft"]  # SFT first: everything is a ratio to it
 
     examples = load_domain("finance", "train")

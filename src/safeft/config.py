@@ -326,16 +326,17 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def defense_from_spec(spec: str, where: str = "defense") -> DefenseConfig:
+def defense_from_spec(spec: str, where: str = "defense", extra: list[str] = ()) -> DefenseConfig:
     """``name[:key=value,...]`` -> that defense's config, e.g. ``saft+repanchor:pgd_mode=free,lam=0.3``: a method
-    with options, as one string (the demo's ``demo.methods``, benchmarks). Values parse like dotted overrides."""
+    with options, as one string (the demo's ``demo.methods``, benchmarks). Values parse like dotted overrides;
+    ``extra`` are more ``key=value`` options the caller adds (a path may hold a comma, a spec cannot)."""
     name, _, opts = spec.partition(":")
     pairs = [kv for kv in opts.split(",") if kv]
     bad = [kv for kv in pairs if "=" not in kv]
     if not name or bad:
         raise ConfigError(f"{where}: {spec!r} is not name[:key=value,...]" + (f" (bad: {bad})" if bad else ""))
     tree: dict[str, Any] = {"name": name.strip()}
-    for key, value in parse_overrides(pairs):
+    for key, value in parse_overrides([*pairs, *extra]):
         _set_dotted(tree, key, value, f"{where}: {spec!r}")
     return build(DefenseConfig, tree, where)
 
