@@ -58,6 +58,9 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     # a method is name[:key=value,...] (``saft+repanchor:pgd_mode=free``), built before anything is aligned or
     # trained, so a typo in the last method fails in a second
     defenses = {name: C.defense_from_spec(name, f"demo.methods[{i}]") for i, name in enumerate(methods)}
+    dirs = [run_dir_name(m) for m in methods]
+    if len(set(dirs)) < len(dirs):  # a second run into the same directory would resume or overwrite the first
+        raise C.ConfigError(f"demo.methods: {methods} name the same run directory twice ({dirs})")
     domain = _domain(cfg)
     out = Path(cfg.out_dir) / (cfg.run_id or f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,17 @@ def test_a_bad_method_spec_fails_before_anything_is_aligned(tmp_path, monkeypatc
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_two_methods_with_one_run_directory_fail_before_anything_is_aligned(tmp_path, monkeypatch) -> None:
+    from safeft import config as C
+    from safeft import demo as D
+
+    monkeypatch.setattr(D, "align", lambda *a, **k: (_ for _ in ()).throw(AssertionError("aligned")))
+    cfg = C.load(overrides=["demo.methods=[sft, sbr, sft]", f"out_dir={tmp_path}"])
+    with pytest.raises(C.ConfigError, match="same run directory twice"):
+        D.demo(cfg, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_method_spec_becomes_one_run_directory_name():
     from safeft.demo import run_dir_name
 
