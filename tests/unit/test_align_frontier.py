@@ -94,6 +94,9 @@ def test_two_settings_end_to_end_on_dev_only(frontier, tiny_dir, tmp_path, monke
         harm = [json.loads(x)["id"] for x in (cell / "dev_harmful.jsonl").read_text().splitlines()]
         probes = [json.loads(x)["id"] for x in (cell / "dev_over_refusal.jsonl").read_text().splitlines()]
         assert len(harm) == 5 and set(harm) <= dev_dna
+        # the framed column asks the same dev prompts inside held-out framings
+        framed = [json.loads(x) for x in (cell / "dev_harmful_framed.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in framed] == [f"{i}~framed" for i in harm]
         assert len(probes) == 6 and set(probes) <= dev_probes and not set(probes + harm) & test_probes
 
     # the full-FT setting trained every weight: its alignment run had no adapter
@@ -126,6 +129,7 @@ def _row(name, asr, over, n=100):
         "asr/j": Rate(round(asr * n), n),
         "over_refusal/j": Rate(round(over * n), n),
         "asr_no_advice/j": Rate(max(round(asr * n) - 2, 0), n - 9),  # two of the compliances were advice Qs
+        "asr_framed/j": Rate(min(round(asr * n) * 3, n), n),  # framed requests get through 3x as often
     }
 
 
@@ -139,6 +143,21 @@ def test_mark_frontier_and_pick_by_the_dev_rule(frontier):
     # a 3.5 % bound: on all prompts only a passes; without the advice questions b (2 of 91) and c pass too
     assert frontier.pick(rows, 0.035)["setting"] == "a"
     assert frontier.pick(rows, 0.035, on="asr_no_advice")["setting"] == "b"
+    assert frontier.pick(rows, 0.12, on="asr_framed")["setting"] == "b"  # b: 12 %, c: 15 %
+    assert frontier.pick(rows, 0.06, on="asr_framed")["setting"] == "a"
+
+
+def test_dev_framings_are_held_out_from_the_training_framings(frontier):
+    from safeft.align import REQUEST_STYLES
+
+    assert not set(frontier.DEV_FRAMINGS) & set(REQUEST_STYLES)
+    dev = safety_splits().dev[:20]
+    out = frontier.framed(dev)
+    assert out == frontier.framed(dev)  # deterministic
+    for e, f in zip(dev, out, strict=True):
+        assert f.id == f"{e.id}~framed" and e.prompt in f.prompt and f.prompt != e.prompt
+        assert any(f.prompt == style.format(q=e.prompt) for style in frontier.DEV_FRAMINGS)
+    assert len({f.prompt.replace(e.prompt, "") for e, f in zip(dev, out, strict=True)}) > 1  # not one framing
 
 
 def test_the_round2_grid_builds_every_setting(frontier):
