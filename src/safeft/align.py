@@ -32,7 +32,13 @@ from safeft import config as C
 from safeft import devices, io, models
 from safeft.context import barrier, is_main_process
 from safeft.data import refusals
-from safeft.data.pairs import ContrastivePair, load_contrastive_pairs, pairs_path
+from safeft.data.pairs import (
+    ContrastivePair,
+    load_contrastive_pairs,
+    load_request_pairs,
+    pairs_path,
+    request_pairs_path,
+)
 from safeft.data.probes import over_refusal_probes
 from safeft.data.splits import LeakageError, assert_no_leakage, assert_probes_held_out, safety_splits
 from safeft.data.types import Example, normalise_prompt
@@ -73,6 +79,7 @@ def restyle(prompt: str, key: str, fraction: float, seed: int) -> str:
 
 
 REFUSAL_STYLES = ("plain", "explain", "mixed")
+SIDES = ("benign", "harmful")
 BENIGN_SOURCES = ("legacy", "probes_train", "contrastive")
 
 
@@ -105,6 +112,8 @@ def _check_recipe(ac: C.AlignConfig) -> None:
         )
     if ac.contrastive < 0:
         raise C.ConfigError(f"align.contrastive must be >= 0, got {ac.contrastive}")
+    if ac.request_pairs < 0:
+        raise C.ConfigError(f"align.request_pairs must be >= 0, got {ac.request_pairs}")
 
 
 def pick_pairs(n: int, seed: int = 0) -> list[ContrastivePair]:
@@ -114,13 +123,25 @@ def pick_pairs(n: int, seed: int = 0) -> list[ContrastivePair]:
     pairs = load_contrastive_pairs()
     if n > len(pairs):
         raise C.ConfigError(f"align.contrastive={n} but {pairs_path()} has {len(pairs)} pairs")
+    return _round_robin(pairs, random.Random(f"{seed}-contrastive-pairs"))[:n]
+
+
+def pick_request_pairs(n: int, seed: int = 0) -> list[ContrastivePair]:
+    """``n`` instruction-form pairs of the *train* split, spread over the harm areas like :func:`pick_pairs`
+    (nested in ``n``). The dev split is never picked: it measures settings."""
+    pairs = load_request_pairs("train")
+    if n > len(pairs):
+        raise C.ConfigError(f"align.request_pairs={n} but {request_pairs_path()} has {len(pairs)} train pairs")
+    return _round_robin(pairs, random.Random(f"{seed}-request-pairs"))[:n]
+
+
+def _round_robin(pairs: list[ContrastivePair], rng: random.Random) -> list[ContrastivePair]:
+    """Each category shuffled by ``rng``, then one of each category in turn."""
     by_cat: dict[str, list[ContrastivePair]] = {}
     for p in pairs:
         by_cat.setdefault(p.category, []).append(p)
-    rng = random.Random(f"{seed}-contrastive-pairs")
     columns = [rng.sample(by_cat[c], len(by_cat[c])) for c in sorted(by_cat)]
-    order = [p for row in itertools.zip_longest(*columns) for p in row if p is not None]
-    return order[:n]
+    return [p for row in itertools.zip_longest(*columns) for p in row if p is not None]
 
 
 def _legacy_benign(ac: C.AlignConfig) -> list[str]:
@@ -145,8 +166,8 @@ def select_prompts(cfg: C.RunConfig) -> tuple[list[Example], list[str]]:
     """The harmful examples (prompt -> our refusal) and the benign prompts of stage 1; no model needed.
 
     Harmful: the first ``n_harmful`` prompts of the Do-Not-Answer ``align`` split (minus ``skip_intents``),
-    then the harmful side of ``contrastive`` pairs. Benign: the pools of ``benign_sources`` in order, then
-    the benign side of the chosen pairs, each prompt once."""
+    then the harmful side of ``contrastive`` pairs and of ``request_pairs`` (train split). Benign: the pools of
+    ``benign_sources`` in order, then the benign side of the chosen pairs, each prompt once."""
     ac = cfg.align
     _check_recipe(ac)
     splits = safety_splits(seed=ac.seed)
@@ -170,11 +191,11 @@ def select_prompts(cfg: C.RunConfig) -> tuple[list[Example], list[str]]:
     # Pair prompts are never restyled: their benign side is not, and a framing found only on the refused side
     # would let the model learn "instruction framing -> refuse" instead of the difference in meaning.
     pairs = pick_pairs(ac.contrastive, ac.seed)
+    requests = pick_request_pairs(ac.request_pairs, ac.seed)
     pair_harmful = [
-        Example(
-            f"{p.id}:harmful", p.harmful, _refusal(p.id, p.topic, ac), "alignment:contrastive", {"category": p.category}
-        )
-        for p in pairs
+        Example(f"{p.id}:harmful", p.harmful, _refusal(p.id, p.topic, ac), source, {"category": p.category})
+        for chosen, source in ((pairs, "alignment:contrastive"), (requests, "alignment:request"))
+        for p in chosen
     ]
     # Our pairs must not put a held-out harmful prompt into training: HarmBench (test) or Do-Not-Answer dev.
     assert_no_leakage(splits.test, contrastive=pair_harmful)
@@ -188,7 +209,8 @@ def select_prompts(cfg: C.RunConfig) -> tuple[list[Example], list[str]]:
     }
     benign: list[str] = []
     seen: set[str] = set()
-    for prompt in [q for source in ac.benign_sources for q in pools[source]()] + [p.benign for p in pairs]:
+    pair_benign = [p.benign for p in pairs] + [p.benign for p in requests]
+    for prompt in [q for source in ac.benign_sources for q in pools[source]()] + pair_benign:
         if normalise_prompt(prompt) not in seen:
             seen.add(normalise_prompt(prompt))
             benign.append(prompt)
@@ -200,6 +222,12 @@ def select_prompts(cfg: C.RunConfig) -> tuple[list[Example], list[str]]:
         assert_no_leakage(over_refusal_probes("dev"), alignment=rows)
     except LeakageError as e:
         raise LeakageError(f"over-refusal dev probes in training data: {e}") from None
+    # the request pairs' dev split measures settings on the instruction form (benchmarks/align_frontier.py)
+    dev_requests = [Example(f"{p.id}:{side}", getattr(p, side)) for p in load_request_pairs("dev") for side in SIDES]
+    try:
+        assert_no_leakage(dev_requests, alignment=rows)
+    except LeakageError as e:
+        raise LeakageError(f"request pairs of the dev split in training data: {e}") from None
     return harmful, benign
 
 
@@ -233,6 +261,7 @@ KEYED_ALIGN_FIELDS = ("n_harmful", "n_benign", "benign_mix", "benign_max_new_tok
 # ... and the recipe fields, with the values that train exactly the model the key meant before them.
 RECIPE_DEFAULTS: dict[str, object] = {
     "contrastive": 0,
+    "request_pairs": 0,
     "refusal_style": "plain",
     "benign_sources": ["legacy"],
     "skip_intents": [],

@@ -147,6 +147,8 @@ class AlignConfig:
     # The recipe fields (align.py). Their values that reproduce the legacy model (align.RECIPE_DEFAULTS) stay
     # out of the cache key, so that model keeps its key; any other value enters it.
     contrastive: int = 132  # our contrastive pairs used: benign side -> base model's answer, harmful -> refusal
+    # our instruction-form pairs ("Write a persuasive post ...") of their train split, used the same way
+    request_pairs: int = 0
     refusal_style: str = "explain"  # plain (REFUSALS) | explain (names the reason, offers an alternative) | mixed
     # benign prompt pools: legacy (n_benign of our benign lists, by benign_mix) | probes_train (the over-refusal
     # probes' train split) | contrastive (the benign side of every pair, without its harmful neighbour)

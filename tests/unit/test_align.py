@@ -10,7 +10,7 @@ from safeft import align
 from safeft import config as C
 from safeft.data import refusals
 from safeft.data.pairs import load_contrastive_pairs
-from safeft.data.splits import safety_splits
+from safeft.data.splits import LeakageError, safety_splits
 from safeft.data.types import normalise_prompt
 
 
@@ -114,6 +114,7 @@ def test_recipe_defaults_are_the_legacy_values_and_every_field_is_keyed():
     "override",
     [
         "align.contrastive=12",
+        "align.request_pairs=12",
         "align.refusal_style=explain",
         "align.refusal_style=mixed",
         "align.benign_sources=[legacy,probes_train]",
@@ -153,6 +154,36 @@ def test_contrastive_pairs_add_a_refused_and_an_answered_prompt_each():
     assert [e.prompt for e in added] == [p.harmful for p in pairs]  # never restyled
     assert all(e.source == "alignment:contrastive" and e.response in refusals.REFUSALS for e in added)
     assert benign[len(base_b) :] == [p.benign for p in pairs]
+
+
+def test_request_pairs_add_train_pairs_only_spread_nested_and_checked():
+    from safeft.data.pairs import load_request_pairs
+
+    base_h, base_b = align.select_prompts(cfg())
+    harmful, benign = align.select_prompts(cfg("align.request_pairs=24"))
+    pairs = align.pick_request_pairs(24)
+    assert len({p.category for p in pairs[:12]}) == 12 and align.pick_request_pairs(48)[:24] == pairs
+    assert all(p.split == "train" for p in align.pick_request_pairs(len(load_request_pairs("train"))))
+    assert harmful[: len(base_h)] == base_h and benign[: len(base_b)] == base_b
+    added = harmful[len(base_h) :]
+    assert [e.prompt for e in added] == [p.harmful for p in pairs]
+    assert all(e.source == "alignment:request" and e.response in refusals.REFUSALS for e in added)
+    assert benign[len(base_b) :] == [p.benign for p in pairs]
+    with pytest.raises(C.ConfigError, match="align.request_pairs"):
+        align.pick_request_pairs(len(load_request_pairs("train")) + 1)
+    with pytest.raises(C.ConfigError, match="align.request_pairs must be >= 0"):
+        align.select_prompts(cfg("align.request_pairs=-1"))
+
+
+def test_a_dev_request_pair_in_training_data_fails(monkeypatch):
+    from safeft.data.pairs import load_request_pairs
+
+    # a dev pair filed under train by mistake (same prompts, new id) is caught by its text
+    train, dev = load_request_pairs("train"), load_request_pairs("dev")
+    moved = dataclasses.replace(dev[0], id="moved", split="train")
+    monkeypatch.setattr(align, "load_request_pairs", lambda split=None: [*train, moved] if split == "train" else dev)
+    with pytest.raises(LeakageError, match="request pairs of the dev split"):
+        align.select_prompts(cfg(f"align.request_pairs={len(train) + 1}"))
 
 
 def test_explain_style_names_the_topic_and_mixed_uses_both():

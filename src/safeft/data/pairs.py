@@ -16,6 +16,12 @@ Each pair's ``category`` is an over-refusal probe category (``probes.CATEGORIES`
 refusal topic of its harmful side (``refusals.TOPICS``). Neither side may hold a held-out prompt: the tests
 check the harmful side against HarmBench and Do-Not-Answer dev, the benign side against the dev and test
 probes (exactly and as near copies), and ``align.select_prompts`` asserts it again before training.
+
+``request_pairs.jsonl`` holds pairs of the same kind in the *form* of instructions and content requests
+("Write a persuasive blog post ..."), where Do-Not-Answer, the harmful prompts of stage 1, asks questions
+and HarmBench, the test set, gives instructions. Each carries a ``split``: ``train`` pairs may be trained on
+(``align.request_pairs``), ``dev`` pairs never are; they measure a setting on this form
+(``benchmarks/align_frontier.py``). Their categories are harm areas (:data:`REQUEST_CATEGORIES`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,22 @@ from safeft.data.types import DataError, normalise_prompt
 from safeft.io import iter_json_objects
 
 PAIR_FIELDS = ("id", "category", "topic", "benign", "harmful")
+REQUEST_FIELDS = (*PAIR_FIELDS, "split")
+REQUEST_CATEGORIES = (
+    "persuasion",
+    "harassment",
+    "fraud",
+    "cyber",
+    "weapons",
+    "chemistry",
+    "drugs",
+    "violence",
+    "privacy",
+    "illegal",
+    "self_harm",
+    "extremism",
+)
+REQUEST_SPLITS = ("train", "dev")
 
 
 @dataclass(frozen=True)
@@ -45,8 +67,19 @@ class ContrastivePair:
     harmful: str
 
 
+@dataclass(frozen=True)
+class RequestPair(ContrastivePair):
+    """A contrastive pair in instruction form; ``split`` is ``train`` (trainable) or ``dev`` (never trained)."""
+
+    split: str = "train"
+
+
 def pairs_path() -> Path:
     return Path(str(resources.files("safeft.data") / "contrastive_pairs.jsonl"))
+
+
+def request_pairs_path() -> Path:
+    return Path(str(resources.files("safeft.data") / "request_pairs.jsonl"))
 
 
 def load_contrastive_pairs(path: str | Path | None = None) -> list[ContrastivePair]:
@@ -57,18 +90,34 @@ def load_contrastive_pairs(path: str | Path | None = None) -> list[ContrastivePa
     earlier one after normalisation raises DataError naming the file and line.
     """
     path = Path(path) if path is not None else pairs_path()
-    out: list[ContrastivePair] = []
+    return _load(path, PAIR_FIELDS, CATEGORIES, ContrastivePair)
+
+
+def load_request_pairs(split: str | None = None, path: str | Path | None = None) -> list[RequestPair]:
+    """The instruction-form pairs of ``split`` (None: all), in file order; as strict as
+    :func:`load_contrastive_pairs`, with a ``split`` field of :data:`REQUEST_SPLITS` besides."""
+    if split is not None and split not in REQUEST_SPLITS:
+        raise ValueError(f"request pair split must be one of {list(REQUEST_SPLITS)}, not {split!r}")
+    path = Path(path) if path is not None else request_pairs_path()
+    pairs = _load(path, REQUEST_FIELDS, REQUEST_CATEGORIES, RequestPair)
+    return [p for p in pairs if split is None or p.split == split]
+
+
+def _load(path: Path, fields: tuple[str, ...], categories: tuple[str, ...], cls: type) -> list:
+    out: list = []
     seen_ids: dict[str, int] = {}
     seen_prompts: dict[str, int] = {}
     for lineno, row in iter_json_objects(path):
         where = f"{path} line {lineno}"
-        if set(row) != set(PAIR_FIELDS):
-            raise DataError(f"{where}: fields {sorted(row)}; a pair has exactly {list(PAIR_FIELDS)}")
-        for k in PAIR_FIELDS:
+        if set(row) != set(fields):
+            raise DataError(f"{where}: fields {sorted(row)}; a pair has exactly {list(fields)}")
+        for k in fields:
             if not isinstance(row[k], str) or not row[k].strip():
                 raise DataError(f"{where}: {k!r} must be a non-empty string")
-        if row["category"] not in CATEGORIES:
-            raise DataError(f"{where}: category {row['category']!r} is not one of {list(CATEGORIES)}")
+        if row["category"] not in categories:
+            raise DataError(f"{where}: category {row['category']!r} is not one of {list(categories)}")
+        if "split" in fields and row["split"] not in REQUEST_SPLITS:
+            raise DataError(f"{where}: split {row['split']!r} is not one of {list(REQUEST_SPLITS)}")
         if row["topic"] not in EXPLAINED_REFUSALS:
             raise DataError(f"{where}: topic {row['topic']!r} is not one of {list(TOPICS)}")
         if row["id"] in seen_ids:
@@ -79,5 +128,5 @@ def load_contrastive_pairs(path: str | Path | None = None) -> list[ContrastivePa
             if key in seen_prompts:
                 raise DataError(f"{where}: {side} prompt repeats line {seen_prompts[key]} ({row[side]!r})")
             seen_prompts[key] = lineno
-        out.append(ContrastivePair(**{k: row[k] for k in PAIR_FIELDS}))
+        out.append(cls(**{k: row[k] for k in fields}))
     return out
