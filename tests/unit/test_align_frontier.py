@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from safeft.data.pairs import load_request_pairs
 from safeft.data.probes import over_refusal_probes
 from safeft.data.splits import LeakageError, safety_splits
 from safeft.stats import Rate
@@ -74,7 +75,7 @@ def test_two_settings_end_to_end_on_dev_only(frontier, tiny_dir, tmp_path, monke
         for k in ("asr/refusal_layered", "over_refusal/refusal_layered", "asr/refusal_keywords"):
             assert float(r[f"{k}_ci_low"]) <= float(r[k]) <= float(r[f"{k}_ci_high"])
         assert r["asr/refusal_layered_n"] == "5" and r["over_refusal/refusal_layered_n"] == "6"
-    assert md.count("(n=6)") == 4
+    assert md.count("(n=6)") == 6  # dev over-refusal, bare and framed, and the second judge's bare one
     # dev ASR without the advice questions: the same records minus the advice intents' prompts
     advice = {e.id for e in safety_splits().dev if frontier.ADVICE_INTENTS & set(e.meta.get("intents") or ())}
     for cell, r in zip(sorted((out / "cells").iterdir()), rows, strict=True):
@@ -97,6 +98,13 @@ def test_two_settings_end_to_end_on_dev_only(frontier, tiny_dir, tmp_path, monke
         # the framed column asks the same dev prompts inside held-out framings
         framed = [json.loads(x) for x in (cell / "dev_harmful_framed.jsonl").read_text().splitlines()]
         assert [r["id"] for r in framed] == [f"{i}~framed" for i in harm]
+        framed = [json.loads(x) for x in (cell / "dev_over_refusal_framed.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in framed] == [f"{i}~framed" for i in probes]
+        # the request pairs' dev split, both sides; never a train pair
+        dev_pairs = [p.id for p in load_request_pairs("dev")]
+        for suite, side in (("dev_requests", "harmful"), ("dev_requests_benign", "benign")):
+            got = [json.loads(x)["id"] for x in (cell / f"{suite}.jsonl").read_text().splitlines()]
+            assert got == [f"{i}:{side}" for i in dev_pairs]
         assert len(probes) == 6 and set(probes) <= dev_probes and not set(probes + harm) & test_probes
 
     # the full-FT setting trained every weight: its alignment run had no adapter
