@@ -135,12 +135,15 @@ class EvalConfig:
 class AlignConfig:
     # The boundary recipe, chosen on dev only (Do-Not-Answer dev and the probes' dev split, never HarmBench or
     # the test probes): benchmarks/align_frontier_round2.yaml, docs/results.md. The model aligned before it
-    # (128 + 48 rows, 48 steps, plain refusals) is ``LEGACY_ALIGN`` below.
+    # (128 + 48 rows, 48 steps, plain refusals) is ``LEGACY_ALIGN`` below; round 4's choice ``ROUND4_ALIGN``.
     n_harmful: int = 320  # Do-Not-Answer prompts -> our refusals
     n_benign: int = 48  # benign prompts of our lists -> the base model's own answers (keeps it helpful)
     benign_mix: str = "sample"  # sample (seeded, from all benign prompts) | edgy_first (every edgy one first)
     benign_max_new_tokens: int = 96
-    restyle: float = 0.5  # share of harmful prompts wrapped in an instruction-style framing (align.py)
+    # share of harmful prompts wrapped in an instruction-style framing (align.py). The framings sit on refused
+    # prompts only and became a refusal cue (70 % of benign dev probes refused inside one), yet without them
+    # HarmBench ASR rose 12 -> 27 % (ROUND4_ALIGN, docs/results.md): kept until a recipe does better on both
+    restyle: float = 0.5
     seed: int = 0
     # ~2.6 epochs over the 750 rows at batch 8; r = 32 and lr 6e-4 fit the boundary better than r = 16 at 3e-4
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=240, lr=6e-4, schedule="cosine"))
@@ -159,6 +162,10 @@ class AlignConfig:
     # the adapter of stage 1; None = model.lora; enabled=false = full fine-tuning
     lora: LoraConfig | None = field(default_factory=lambda: LoraConfig(r=32, alpha=64))
 
+
+# Round 4's dev choice (docs/results.md): the request pairs in place of the framings. Over-refusal of benign
+# instructions fell (60 -> 26 % on dev) but HarmBench ASR rose to 27 %, so it is not the default.
+ROUND4_ALIGN = ["align.request_pairs=168", "align.restyle=0.0"]
 
 # The stage-1 recipe before the boundary recipe (the aligned model of the first demos): dotted overrides.
 LEGACY_ALIGN = [

@@ -76,15 +76,25 @@ def test_trim_to_sentence():
 LEGACY_KEY = "7df6a2c549df"
 EDGY_FIRST_80_KEY = "3b00ad10f20b"
 DEFAULT_KEY = "02a635a561aa"
+ROUND4_KEY = "5e685f2a2bba"  # round 4's dev choice, not the default (docs/results.md)
 
 
 def test_default_config_is_the_dev_chosen_recipe():
     assert align.cache_key(default_cfg()) == DEFAULT_KEY
+    assert align.cache_key(default_cfg(*C.ROUND4_ALIGN)) == ROUND4_KEY
     a = default_cfg().align
     assert (a.n_harmful, a.contrastive, a.refusal_style, a.train.steps, a.lora.r) == (320, 132, "explain", 240, 32)
+    assert (a.request_pairs, a.restyle) == (0, 0.5)
     harmful, benign = align.select_prompts(default_cfg())
-    # benign: our 48, the probes' 118 train prompts, the pairs' benign sides (each prompt once)
     assert len(harmful) == 320 + 132 and 48 + 118 < len(benign) <= 48 + 118 + 132
+
+
+def test_round4_recipe_adds_the_request_pairs_and_no_framings():
+    harmful, benign = align.select_prompts(default_cfg(*C.ROUND4_ALIGN))
+    # benign: our 48, the probes' 118 train prompts, both pair files' benign sides (each prompt once)
+    assert len(harmful) == 320 + 132 + 168 and 48 + 118 + 168 < len(benign) <= 48 + 118 + 132 + 168
+    raw = {e.prompt for e in safety_splits().align}  # restyle 0: Do-Not-Answer prompts as asked
+    assert all(e.prompt in raw for e in harmful if e.source == "alignment:refusal")
 
 
 def test_legacy_recipe_keeps_the_key_of_the_first_aligned_models():

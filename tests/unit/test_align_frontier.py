@@ -34,6 +34,7 @@ def _grid(tmp_path: Path, tiny_dir: Path) -> Path:
         "align.n_harmful=4",
         "align.n_benign=2",
         "align.contrastive=2",  # a small slice of the default recipe, so the test stays quick
+        "align.request_pairs=2",
         "align.benign_sources=[legacy]",
         "align.benign_max_new_tokens=4",
         "align.train.steps=1",
