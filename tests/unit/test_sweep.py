@@ -195,3 +195,9 @@ def test_grid_file_reads_base_overrides_and_cells(tmp_path: Path) -> None:
     assert overrides == ["train.lr=0.001"]
     assert [c.overrides for c in cells] == [{"defense.name": "sft"}, {"defense.name": "sbr"}]
     assert spec["base"] == "base.yaml"
+
+
+def test_report_settings_of_runs_without_a_utility_suite(tmp_path):
+    # persistent-HFT runs evaluate ASR only: the settings header must skip utility, not crash
+    run = R.Run(path=tmp_path, cfg={"defense": {"name": "sft"}}, summary={"harmful": {"n": 100}})
+    assert R.settings([run])["utility items (n)"] == []

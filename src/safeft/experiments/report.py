@@ -303,7 +303,7 @@ def settings(runs: list[Run]) -> dict[str, Any]:
         for r in runs:
             try:
                 v = get(r)
-            except (KeyError, TypeError, IndexError):
+            except (KeyError, TypeError, IndexError, StopIteration):  # StopIteration: no such suite
                 continue
             if v not in found:
                 found.append(v)
