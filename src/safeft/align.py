@@ -38,6 +38,7 @@ from safeft.data.pairs import (
     load_request_pairs,
     pairs_path,
     request_pairs_path,
+    side_examples,
 )
 from safeft.data.probes import over_refusal_probes
 from safeft.data.splits import LeakageError, assert_no_leakage, assert_probes_held_out, safety_splits
@@ -79,7 +80,6 @@ def restyle(prompt: str, key: str, fraction: float, seed: int) -> str:
 
 
 REFUSAL_STYLES = ("plain", "explain", "mixed")
-SIDES = ("benign", "harmful")
 BENIGN_SOURCES = ("legacy", "probes_train", "contrastive")
 
 
@@ -223,7 +223,8 @@ def select_prompts(cfg: C.RunConfig) -> tuple[list[Example], list[str]]:
     except LeakageError as e:
         raise LeakageError(f"over-refusal dev probes in training data: {e}") from None
     # the request pairs' dev split measures settings on the instruction form (benchmarks/align_frontier.py)
-    dev_requests = [Example(f"{p.id}:{side}", getattr(p, side)) for p in load_request_pairs("dev") for side in SIDES]
+    dev = load_request_pairs("dev")
+    dev_requests = side_examples(dev, "benign") + side_examples(dev, "harmful")
     try:
         assert_no_leakage(dev_requests, alignment=rows)
     except LeakageError as e:

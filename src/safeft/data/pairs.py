@@ -32,7 +32,7 @@ from pathlib import Path
 
 from safeft.data.probes import CATEGORIES
 from safeft.data.refusals import EXPLAINED_REFUSALS, TOPICS
-from safeft.data.types import DataError, normalise_prompt
+from safeft.data.types import DataError, Example, normalise_prompt
 from safeft.io import iter_json_objects
 
 PAIR_FIELDS = ("id", "category", "topic", "benign", "harmful")
@@ -71,7 +71,7 @@ class ContrastivePair:
 class RequestPair(ContrastivePair):
     """A contrastive pair in instruction form; ``split`` is ``train`` (trainable) or ``dev`` (never trained)."""
 
-    split: str = "train"
+    split: str
 
 
 def pairs_path() -> Path:
@@ -101,6 +101,12 @@ def load_request_pairs(split: str | None = None, path: str | Path | None = None)
     path = Path(path) if path is not None else request_pairs_path()
     pairs = _load(path, REQUEST_FIELDS, REQUEST_CATEGORIES, RequestPair)
     return [p for p in pairs if split is None or p.split == split]
+
+
+def side_examples(pairs: list[ContrastivePair], side: str) -> list[Example]:
+    """One side (``benign`` or ``harmful``) of ``pairs`` as examples with ids ``<pair id>:<side>``: what the
+    frontier evaluates and what the alignment leakage check compares against."""
+    return [Example(f"{p.id}:{side}", getattr(p, side), source="pairs") for p in pairs]
 
 
 def _load(path: Path, fields: tuple[str, ...], categories: tuple[str, ...], cls: type) -> list:
