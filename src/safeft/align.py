@@ -327,6 +327,18 @@ def _defense_aux(cfg: C.RunConfig) -> dict[str, list]:
     return {k: [(e.id, e.prompt, e.response, sorted(e.meta.items())) for e in v] for k, v in data.items()}
 
 
+def stage1_defense(spec: str) -> str | None:
+    """The defense a model aligned by :func:`align` was aligned with, read from its alignment run beside it
+    (``<cache>/aligned/<key>/run/config.yaml``); None when ``spec`` is not such a model."""
+    import yaml
+
+    model_dir = Path(spec)
+    run_cfg = model_dir.parent / "run" / "config.yaml"
+    if model_dir.name != "model" or not run_cfg.is_file():
+        return None
+    return ((yaml.safe_load(run_cfg.read_text()) or {}).get("defense") or {}).get("name")
+
+
 def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, force: bool = False) -> Path:
     """Align ``cfg.model.spec``; return the directory of the merged aligned model (cached)."""
     from safeft.train import train

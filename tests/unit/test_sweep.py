@@ -201,3 +201,34 @@ def test_report_settings_of_runs_without_a_utility_suite(tmp_path):
     # persistent-HFT runs evaluate ASR only: the settings header must skip utility, not crash
     run = R.Run(path=tmp_path, cfg={"defense": {"name": "sft"}}, summary={"harmful": {"n": 100}})
     assert R.settings([run])["utility items (n)"] == []
+
+
+def _fake_run(root: Path, name: str, spec: str, asr: float) -> Path:
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    cfg = {"model": {"spec": spec}, "defense": {"name": "sft"}, "data": {"task": "domain:finance", "poison": 0.1}}
+    (run / "config.yaml").write_text(json.dumps(cfg))
+    (run / "eval" / "summary.json").write_text(json.dumps({"harmful": {"asr": asr, "n": 50}}))
+    return run
+
+
+def test_an_alignment_stage_defense_is_its_own_row_not_pooled_with_sft(tmp_path):
+    # A sweep's Vaccine cell fine-tunes with plain SFT the model Vaccine aligned: its config says defense sft.
+    # Labelled by that alone, it would be averaged with the SFT row as if it were another seed.
+    models = {}
+    for key, defense in (("a1", "sft"), ("a2", "vaccine")):
+        (tmp_path / "aligned" / key / "model").mkdir(parents=True)
+        (tmp_path / "aligned" / key / "run").mkdir()
+        (tmp_path / "aligned" / key / "run" / "config.yaml").write_text(json.dumps({"defense": {"name": defense}}))
+        models[defense] = str(tmp_path / "aligned" / key / "model")
+    runs_dir = tmp_path / "runs"
+    _fake_run(runs_dir, "sft", models["sft"], 0.8)
+    _fake_run(runs_dir, "vaccine", models["vaccine"], 0.6)
+    _fake_run(runs_dir, "plain", str(tmp_path / "elsewhere"), 0.9)  # not an aligned model: its own name
+    runs, skipped = R.collect([runs_dir / n for n in ("sft", "vaccine", "plain")])
+    assert not skipped
+    assert [r.method for r in runs] == ["sft", "vaccine (align) + sft", "sft"]
+    rows, cols, cells = R.table(runs[:2])
+    assert rows == ["sft", "vaccine (align) + sft"]
+    assert cells[("vaccine (align) + sft", cols[0], "asr")].mean == pytest.approx(0.6)
+    assert cells[("sft", cols[0], "asr")].seeds == 1

@@ -46,10 +46,15 @@ class Run:
     summary: dict[str, Any]
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # metric -> (k, n)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    stage1: str | None = None  # the alignment-stage defense of the model the run fine-tuned, if any
 
     @property
     def method(self) -> str:
-        return self.cfg.get("defense", {}).get("name", "sft")
+        """The fine-tuning defense, preceded by the alignment-stage one when the run fine-tuned a model that
+        :func:`safeft.align.align` aligned with a defense (a sweep's Vaccine, Booster, RepNoise cells): their
+        fine-tune is plain SFT, and labelled by it alone they would be pooled with the SFT row as seeds."""
+        name = self.cfg.get("defense", {}).get("name", "sft")
+        return f"{self.stage1} (align) + {name}" if self.stage1 and self.stage1 != "sft" else name
 
     @property
     def domain(self) -> str:
@@ -71,12 +76,14 @@ def _count(rate: float, n: int) -> tuple[int, int]:
 
 def load_run(path: Path) -> Run | None:
     """A run with a full evaluation, or None (with the reason logged by the caller) when it has none."""
+    from safeft.align import stage1_defense  # here: align pulls in torch, which the rest of a report never needs
+
     cfg_path, summary_path = path / "config.yaml", path / "eval" / "summary.json"
     if not cfg_path.exists() or not summary_path.exists():
         return None
     cfg = yaml.safe_load(cfg_path.read_text())
     summary = json.loads(summary_path.read_text())
-    run = Run(path, cfg, summary)
+    run = Run(path, cfg, summary, stage1=stage1_defense(str((cfg.get("model") or {}).get("spec", ""))))
     full = lambda entry: entry.get("limit") is None  # noqa: E731 - a --limit smoke number is never a result
     if "harmful" in summary and full(summary["harmful"]):
         run.counts["asr"] = _count(summary["harmful"]["asr"], summary["harmful"]["n"])
