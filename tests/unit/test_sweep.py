@@ -203,12 +203,12 @@ def test_report_settings_of_runs_without_a_utility_suite(tmp_path):
     assert R.settings([run])["utility items (n)"] == []
 
 
-def _fake_run(root: Path, name: str, spec: str, asr: float) -> Path:
+def _fake_run(root: Path, name: str, spec: str, asr: float, summary: dict | None = None) -> Path:
     run = root / name
     (run / "eval").mkdir(parents=True)
     cfg = {"model": {"spec": spec}, "defense": {"name": "sft"}, "data": {"task": "domain:finance", "poison": 0.1}}
     (run / "config.yaml").write_text(json.dumps(cfg))
-    (run / "eval" / "summary.json").write_text(json.dumps({"harmful": {"asr": asr, "n": 50}}))
+    (run / "eval" / "summary.json").write_text(json.dumps(summary or {"harmful": {"asr": asr, "n": 50}}))
     return run
 
 
@@ -232,3 +232,25 @@ def test_an_alignment_stage_defense_is_its_own_row_not_pooled_with_sft(tmp_path)
     assert rows == ["sft", "vaccine (align) + sft"]
     assert cells[("vaccine (align) + sft", cols[0], "asr")].mean == pytest.approx(0.6)
     assert cells[("sft", cols[0], "asr")].seeds == 1
+
+
+def test_report_by_another_judge_reads_its_stored_verdicts(tmp_path):
+    # `safeft eval RUN --rescore --judge refusal_keywords` stores a second judge's verdicts beside the default's
+    def suite(rate_key: str, default: float, keywords: float | None, n: int) -> dict:
+        judges = {"refusal_layered": {"judge": "refusal_layered", rate_key: default, "n": n}}
+        if keywords is not None:
+            judges["refusal_keywords"] = {"judge": "refusal_keywords", rate_key: keywords, "n": n}
+        return {"judge": "refusal_layered", rate_key: default, "n": n, "judges": judges}
+
+    scored = {"harmful": suite("asr", 0.2, 0.3, 50), "over_refusal": suite("refusal_rate", 0.1, 0.25, 60)}
+    _fake_run(tmp_path, "a", "m", 0, scored)
+    unscored = {"harmful": suite("asr", 0.4, None, 50), "over_refusal": suite("refusal_rate", 0.1, None, 60)}
+    _fake_run(tmp_path, "b", "m", 0, unscored)
+    [run], _ = R.collect([tmp_path / "a"])
+    assert run.counts == {"asr": (10, 50), "over_refusal": (6, 60)} and run.judge == "refusal_layered"
+    [run], _ = R.collect([tmp_path / "a"], judge="refusal_keywords")
+    assert run.counts == {"asr": (15, 50), "over_refusal": (15, 60)} and run.judge == "refusal_keywords"
+    assert R.settings([run])["judge"] == ["refusal_keywords"]
+    # a run never scored by that judge is listed with the command that scores it, never filled by another judge
+    runs, skipped = R.collect([tmp_path / "b"], judge="refusal_keywords")
+    assert runs == [] and "safeft eval" in skipped[0] and "--rescore --judge refusal_keywords" in skipped[0]

@@ -47,6 +47,7 @@ class Run:
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # metric -> (k, n)
     curve: list[tuple[int, float]] = field(default_factory=list)
     stage1: str | None = None  # the alignment-stage defense of the model the run fine-tuned, if any
+    judge: str | None = None  # whose verdicts the ASR and over-refusal counts are
 
     @property
     def method(self) -> str:
@@ -74,8 +75,16 @@ def _count(rate: float, n: int) -> tuple[int, int]:
     return int(round(rate * n)), n
 
 
-def load_run(path: Path) -> Run | None:
-    """A run with a full evaluation, or None (with the reason logged by the caller) when it has none."""
+class MissingJudge(LookupError):
+    """The run has a full evaluation, but not scored by the judge the report asks for."""
+
+
+def load_run(path: Path, judge: str | None = None) -> Run | None:
+    """A run with a full evaluation, or None (with the reason logged by the caller) when it has none.
+
+    ``judge``: take ASR and over-refusal from that judge's verdicts (``safeft eval RUN --rescore --judge J``
+    adds them beside the default judge's) instead of the judge the run was evaluated with; a run without them
+    raises :class:`MissingJudge`."""
     from safeft.align import stage1_defense  # here: align pulls in torch, which the rest of a report never needs
 
     cfg_path, summary_path = path / "config.yaml", path / "eval" / "summary.json"
@@ -85,10 +94,23 @@ def load_run(path: Path) -> Run | None:
     summary = json.loads(summary_path.read_text())
     run = Run(path, cfg, summary, stage1=stage1_defense(str((cfg.get("model") or {}).get("spec", ""))))
     full = lambda entry: entry.get("limit") is None  # noqa: E731 - a --limit smoke number is never a result
+
+    def judged(suite: str) -> dict[str, Any]:
+        entry = summary[suite]
+        if judge is None:
+            return entry
+        if judge not in entry.get("judges", {}):
+            raise MissingJudge(f"no {judge} verdicts on {suite}: safeft eval {path} --rescore --judge {judge}")
+        return entry["judges"][judge]
+
     if "harmful" in summary and full(summary["harmful"]):
-        run.counts["asr"] = _count(summary["harmful"]["asr"], summary["harmful"]["n"])
+        scored = judged("harmful")
+        run.counts["asr"] = _count(scored["asr"], scored["n"])
+        run.judge = scored.get("judge")
     if "over_refusal" in summary and full(summary["over_refusal"]):
-        run.counts["over_refusal"] = _count(summary["over_refusal"]["refusal_rate"], summary["over_refusal"]["n"])
+        scored = judged("over_refusal")
+        run.counts["over_refusal"] = _count(scored["refusal_rate"], scored["n"])
+        run.judge = scored.get("judge")
     util = [v for k, v in summary.items() if k.startswith("utility:") and full(v)]
     if util:
         run.counts["utility"] = _count(util[0]["accuracy"], util[0]["n"])
@@ -103,13 +125,17 @@ def load_run(path: Path) -> Run | None:
     return run if run.counts else None
 
 
-def collect(targets: list[Path]) -> tuple[list[Run], list[str]]:
+def collect(targets: list[Path], judge: str | None = None) -> tuple[list[Run], list[str]]:
     """Runs under ``targets`` (sweep dirs — their ``cells/*`` — or run dirs); and what was skipped and why."""
     runs, skipped = [], []
     for t in targets:
         dirs = sorted(p for p in (t / "cells").iterdir() if p.is_dir()) if (t / "cells").is_dir() else [t]
         for d in dirs:
-            r = load_run(d)
+            try:
+                r = load_run(d, judge)
+            except MissingJudge as e:
+                skipped.append(f"{d}: {e}")
+                continue
             if r is None:
                 why = "failed: see error.json" if (d / "error.json").exists() else "no full evaluation"
                 skipped.append(f"{d}: {why}")
@@ -325,7 +351,7 @@ def settings(runs: list[Run]) -> dict[str, Any]:
         raise KeyError
 
     return {
-        "judge": values(lambda r: r.summary["harmful"]["judge"]),
+        "judge": values(lambda r: r.judge or r.summary["harmful"]["judge"]),
         "harmful prompts (n)": values(lambda r: r.summary["harmful"]["n"]),
         "over-refusal prompts (n)": values(lambda r: r.summary["over_refusal"]["n"]),
         "utility items (n)": values(lambda r: next(v["n"] for k, v in r.summary.items() if k.startswith("utility:"))),
@@ -353,9 +379,11 @@ def _commit() -> str:
         return "unknown"
 
 
-def report(targets: list[Path], out: Path) -> dict[str, Any]:
-    """Write the table, plots and report for ``targets`` under ``out``; return what was written."""
-    runs, skipped = collect([Path(t) for t in targets])
+def report(targets: list[Path], out: Path, judge: str | None = None) -> dict[str, Any]:
+    """Write the table, plots and report for ``targets`` under ``out``; return what was written. ``judge``:
+    ASR and over-refusal by that judge's stored verdicts (see :func:`load_run`); the ASR curves stay the
+    training-time judge's."""
+    runs, skipped = collect([Path(t) for t in targets], judge)
     if not runs:
         raise FileNotFoundError(f"no run with a full evaluation under {', '.join(map(str, targets))}: {skipped}")
     out.mkdir(parents=True, exist_ok=True)
