@@ -236,8 +236,7 @@ def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True)
     """Harmful prompt -> our refusal, benign prompt -> the base model's own answer."""
     ac = cfg.align
     harmful, prompts = select_prompts(cfg)
-    settings = _benign_settings(cfg)
-    answers = generate(base_model, tok, prompts, settings, progress=progress, desc="base answers")
+    answers = base_answers(cfg, base_model, tok, prompts, progress)
     benign = [
         Example(f"benign-{i}", p, _trim_to_sentence(a), "alignment:self-answer")
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
@@ -247,6 +246,33 @@ def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True)
     assert_no_leakage(safety_splits(seed=ac.seed).test, alignment=rows)
     assert_probes_held_out(alignment=rows)
     return rows
+
+
+ANSWERS_FORMAT = 1  # bump when the way the answers are made changes, so no cache from before is reused
+
+
+def base_answers(cfg: C.RunConfig, base_model, tok, prompts: list[str], progress: bool = True) -> list[str]:
+    """The base model's answers to the benign ``prompts``, generated once per model, prompt list and decoding
+    and cached under ``$SAFEFT_CACHE/base_answers/<key>.jsonl``: alignments that differ only in their defense
+    or training (a sweep's Vaccine, Booster and RepNoise cells) share them instead of decoding them again."""
+    blob = {
+        "format": ANSWERS_FORMAT,
+        "model": models.digest(cfg.model.spec),
+        "prompts": prompts,
+        "decoding": _benign_settings(cfg).identity(tok),
+    }
+    key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    path = models.cache_dir() / "base_answers" / f"{key}.jsonl"
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if [r["prompt"] for r in rows] == prompts:
+            log.info("base answers found in cache: %s", path)
+            return [r["answer"] for r in rows]
+        log.warning("base answers cache %s does not match its prompts; generating them again", path)
+    answers = generate(base_model, tok, prompts, _benign_settings(cfg), progress=progress, desc="base answers")
+    if is_main_process():
+        io.write_jsonl(path, [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)])
+    return answers
 
 
 def _benign_settings(cfg: C.RunConfig) -> GenSettings:

@@ -71,6 +71,19 @@ def _file_digest(path: Path, limit: int = 1 << 24) -> str:
     return h.hexdigest()[:12]
 
 
+def digest(spec: str) -> str:
+    """What identifies a model's weights for a cache key: the GGUF's bytes for an alias, else the files'."""
+    if spec in ALIASES:
+        return f"{spec}:{_file_digest(alias_path(spec))}"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return f"file:{_file_digest(path)}"
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".gguf", ".bin"))
+        return "dir:" + ",".join(f"{p.name}:{_file_digest(p)}" for p in files)
+    return f"hub:{spec}"  # a hub id: its revision is the user's to pin
+
+
 def convert_gguf(gguf: Path) -> Path:
     """De-quantise ``gguf`` once into a safetensors checkpoint in the cache; return its directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

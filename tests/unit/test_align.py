@@ -273,3 +273,30 @@ def test_selection_refuses_held_out_prompts_in_training(monkeypatch):
     monkeypatch.setattr(align, "load_contrastive_pairs", lambda path=None: bad)
     with pytest.raises(LeakageError, match="contrastive"):
         align.select_prompts(cfg(f"align.contrastive={len(written)}"))
+
+
+def test_base_answers_are_generated_once_per_model_prompts_and_decoding(tmp_path, monkeypatch):
+    # a sweep's Vaccine, Booster and RepNoise alignments differ only in the defense: one generation serves them
+    monkeypatch.setenv("SAFEFT_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    calls = []
+
+    def fake_generate(model, tok, prompts, settings, **kw):
+        calls.append(list(prompts))
+        return [f"{p} / {settings.max_new_tokens}" for p in prompts]
+
+    monkeypatch.setattr(align, "generate", fake_generate)
+    c = C.load(overrides=[f"model.spec={model_dir}"])
+    first = align.base_answers(c, None, None, ["a", "b"], progress=False)
+    vaccine = dataclasses.replace(c, defense=C.build(C.DefenseConfig, {"name": "vaccine"}, "defense"))
+    assert align.base_answers(vaccine, None, None, ["a", "b"], progress=False) == first == ["a / 96", "b / 96"]
+    assert len(calls) == 1
+    # anything the answers depend on makes new ones: the prompts, the decoding, the model's weights
+    align.base_answers(c, None, None, ["a", "c"], progress=False)
+    longer = C.load(overrides=[f"model.spec={model_dir}", "align.benign_max_new_tokens=32"])
+    assert align.base_answers(longer, None, None, ["a", "b"], progress=False) == ["a / 32", "b / 32"]
+    (model_dir / "config.json").write_text('{"changed": 1}')
+    align.base_answers(c, None, None, ["a", "b"], progress=False)
+    assert len(calls) == 4

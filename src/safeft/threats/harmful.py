@@ -54,24 +54,11 @@ def pair_prompts(seed: int = 0) -> list[Example]:
     return prompts
 
 
-def model_digest(spec: str) -> str:
-    """What identifies a model's weights for a cache key: the GGUF's bytes for an alias, else the files'."""
-    if spec in models.ALIASES:
-        return f"{spec}:{models._file_digest(models.alias_path(spec))}"
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return f"file:{models._file_digest(path)}"
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".gguf", ".bin"))
-        return "dir:" + ",".join(f"{p.name}:{models._file_digest(p)}" for p in files)
-    return f"hub:{spec}"  # a hub id: its revision is the user's to pin
-
-
 def cache_key(spec: str, prompts: list[Example], settings: PairSettings) -> str:
     blob = json.dumps(
         {
             "format": FORMAT,
-            "model": model_digest(spec),
+            "model": models.digest(spec),
             "prompts": [(e.id, e.prompt) for e in prompts],
             "settings": asdict(settings),
         },
