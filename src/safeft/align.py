@@ -365,12 +365,17 @@ def stage1_defense(spec: str) -> str | None:
     return ((yaml.safe_load(run_cfg.read_text()) or {}).get("defense") or {}).get("name")
 
 
+def cache_path(cfg: C.RunConfig) -> Path:
+    """Where :func:`align` keeps the alignment of ``cfg``: its run in ``run/``, the merged model in ``model/``."""
+    name = Path(cfg.model.spec).name.replace(".gguf", "")
+    return models.cache_dir() / "aligned" / f"{name}-{cache_key(cfg)}"
+
+
 def align(cfg: C.RunConfig, out: Path | None = None, progress: bool = True, force: bool = False) -> Path:
     """Align ``cfg.model.spec``; return the directory of the merged aligned model (cached)."""
     from safeft.train import train
 
-    name = Path(cfg.model.spec).name.replace(".gguf", "")
-    out = Path(out) if out else models.cache_dir() / "aligned" / f"{name}-{cache_key(cfg)}"
+    out = Path(out) if out else cache_path(cfg)
     model_dir = out / "model"
     if (model_dir / "config.json").exists() and not force:
         log.info("aligned model found in cache: %s", model_dir)

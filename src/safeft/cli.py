@@ -286,7 +286,7 @@ def _add_ecosystem_verbs(sub, with_cfg, with_defense) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from safeft.experiments.sweep import load_sweep, plan, run_sweep
+    from safeft.experiments.sweep import alignments, load_sweep, plan, run_sweep
 
     sweep = load_sweep(args.file, args.out)
     if args.dry_run:
@@ -295,8 +295,16 @@ def cmd_sweep(args) -> int:
             print(f"{r['state']:<8} {r['est_min']:6.1f} min  {r['cell']}")
         todo = [r for r in rows if r["state"] != "done"]
         total = sum(r["est_min"] for r in todo)
+        stage1 = alignments(sweep)
+        for a in stage1:
+            cost = "cached" if a["cached"] else f"{a['est_min']:.1f} min"
+            print(f"stage 1  {cost:>10}  {a['defense']} -> {a['path']}")
+        missing = [a for a in stage1 if not a["cached"]]
         print(f"{len(rows)} cells, {len(todo)} to run, about {total:.0f} min on one device", end="")
-        print(" (stage-1 alignment, cached once per defense, not counted)")
+        if missing:
+            minutes = sum(a["est_min"] for a in missing)
+            print(f", plus about {minutes:.0f} min for {len(missing)} stage-1 alignment(s) not yet cached", end="")
+        print()
         return 0
     index = run_sweep(sweep, args.shard, args.retry_failed)
     states = [c["state"] for c in index["cells"]]

@@ -55,6 +55,23 @@ def test_grid_expansion_names_and_dry_run(tmp_path, tiny_dir):
     assert not (tmp_path / "sw").exists()  # a dry run writes nothing
 
 
+def test_dry_run_lists_each_stage_one_alignment_once_with_its_cost(tmp_path, tiny_dir, monkeypatch):
+    # an alignment-stage defense IS stage 1: its alignment is a cost of its own, often the largest of the grid
+    monkeypatch.setenv("SAFEFT_CACHE", str(tmp_path / "cache"))
+    path = write_sweep(tmp_path, tiny_dir, {"defense.name": ["sft", "sbr", "vaccine"], "data.task": ["domain:finance"]})
+    spec = json.loads(path.read_text())
+    path.write_text(json.dumps({**spec, "align": True}))
+    sweep = S.load_sweep(path, tmp_path / "sw")
+    stage1 = S.alignments(sweep)
+    assert [a["defense"] for a in stage1] == ["sft", "vaccine"]  # sft and sbr fine-tune the same aligned model
+    assert not any(a["cached"] for a in stage1) and stage1[1]["est_min"] > stage1[0]["est_min"] > 0
+    model = Path(stage1[1]["path"]) / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    assert [(a["cached"], a["est_min"]) for a in S.alignments(sweep)][1] == (True, 0.0)
+    assert not (tmp_path / "sw").exists()
+
+
 def test_a_bad_cell_fails_before_any_cell_runs(tmp_path, tiny_dir):
     grid = {"defense.name": ["sft", "sbr"], "defense.lam": [1.0], "data.task": ["domain:finance"]}
     path = write_sweep(tmp_path, tiny_dir, grid)

@@ -27,7 +27,9 @@ A killed sweep, re-run, skips finished cells (``done.json``) and resumes a half-
 checkpoint (set ``train.save_every`` for mid-cell resume; the train loop resumes by itself). A cell that
 fails is recorded in its ``error.json`` (message and traceback) and the sweep goes on; ``--retry-failed``
 tries those again. ``--shard i/n`` (or ``auto`` under ``accelerate launch``/``torchrun``, from RANK and
-WORLD_SIZE) runs every n-th cell, so several devices each take their own cells.
+WORLD_SIZE) runs every n-th cell, so several devices each take their own cells. ``--dry-run`` writes
+nothing: it lists the cells (state, estimated cost) and the stage-1 alignments they need, each once
+(:func:`alignments`), since an alignment-stage defense's alignment can cost more than its cells.
 """
 
 from __future__ import annotations
@@ -225,23 +227,58 @@ def shard_of(spec: str | None) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def _stages(cfg: C.RunConfig) -> tuple[C.RunConfig, C.RunConfig]:
+    """(what stage 1 aligns with, what the cell then fine-tunes with) for a sweep that aligns. An
+    alignment-stage defense (Vaccine, Booster, RepNoise) IS the alignment and the fine-tune is plain SFT;
+    any other defense fine-tunes the plainly aligned model."""
+    from safeft.methods.registry import METHODS
+
+    sft = dataclasses.replace(cfg, defense=C.build(C.DefenseConfig, {"name": "sft"}, "defense"))
+    if getattr(METHODS.get(cfg.defense.name), "stage", "finetune") == "align":
+        return cfg, sft
+    return sft, cfg
+
+
 def _model_for(sweep: Sweep, cfg: C.RunConfig, progress: bool) -> tuple[C.RunConfig, dict[str, Any]]:
     """The cell's fine-tuning config: on the aligned model when the sweep aligns (cached, so shared)."""
     if not sweep.align:
         return cfg, {}
     from safeft.align import align
-    from safeft.methods.registry import METHODS
 
-    stage = getattr(METHODS.get(cfg.defense.name), "stage", "finetune")
-    if stage == "align":  # the defense is the alignment; the user's fine-tune is then plain SFT
-        aligned = align(cfg, progress=progress)
-        ft = dataclasses.replace(cfg, defense=C.build(C.DefenseConfig, {"name": "sft"}, "defense"))
-    else:
-        align_cfg = dataclasses.replace(cfg, defense=C.build(C.DefenseConfig, {"name": "sft"}, "defense"))
-        aligned = align(align_cfg, progress=progress)
-        ft = cfg
+    stage1, ft = _stages(cfg)
+    aligned = align(stage1, progress=progress)
     ft = dataclasses.replace(ft, model=dataclasses.replace(ft.model, spec=str(aligned)))
-    return ft, {"aligned_model": str(aligned), "align_defense": cfg.defense.name if stage == "align" else "sft"}
+    return ft, {"aligned_model": str(aligned), "align_defense": stage1.defense.name}
+
+
+def alignments(sweep: Sweep) -> list[dict[str, Any]]:
+    """The stage-1 alignments the cells need, each once: its defense, cache directory, whether it is cached
+    and, if not, its estimated cost (the training at the defense's step cost, plus the base model's answers
+    once per prompt list, which alignments differing only in the defense share)."""
+    if not sweep.align:
+        return []
+    from safeft import align as A
+
+    found: dict[str, dict[str, Any]] = {}
+    prompt_lists: set[str] = set()
+    step_s = _measured_step_s(sweep) or SFT_STEP_S
+    for cell in sweep.cells:
+        stage1, _ = _stages(sweep.configs[cell.name])
+        ident = json.dumps([dataclasses.asdict(x) for x in (stage1.model, stage1.align, stage1.defense)], default=str)
+        if ident in found:
+            continue
+        path = A.cache_path(stage1)
+        cached = (path / "model" / "config.json").exists()
+        est_s = 0.0
+        if not cached:
+            tc = stage1.align.train
+            est_s = tc.steps * tc.grad_accum * step_s * tc.batch_size / 8 * COST_HINT.get(stage1.defense.name, 1.0)
+            _, prompts = A.select_prompts(stage1)
+            if json.dumps([stage1.model.spec, prompts]) not in prompt_lists:
+                prompt_lists.add(json.dumps([stage1.model.spec, prompts]))
+                est_s += EVAL_S_PER_PROMPT * len(prompts) * stage1.align.benign_max_new_tokens / 64
+        found[ident] = {"defense": stage1.defense.name, "path": str(path), "cached": cached, "est_min": est_s / 60}
+    return list(found.values())
 
 
 def run_cell(sweep: Sweep, cell: Cell, progress: bool = True) -> dict[str, Any]:
