@@ -255,11 +255,12 @@ def base_answers(cfg: C.RunConfig, base_model, tok, prompts: list[str], progress
     """The base model's answers to the benign ``prompts``, generated once per model, prompt list and decoding
     and cached under ``$SAFEFT_CACHE/base_answers/<key>.jsonl``: alignments that differ only in their defense
     or training (a sweep's Vaccine, Booster and RepNoise cells) share them instead of decoding them again."""
+    settings = _benign_settings(cfg)
     blob = {
         "format": ANSWERS_FORMAT,
         "model": models.digest(cfg.model.spec),
         "prompts": prompts,
-        "decoding": _benign_settings(cfg).identity(tok),
+        "decoding": settings.identity(tok),
     }
     key = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
     path = models.cache_dir() / "base_answers" / f"{key}.jsonl"
@@ -269,7 +270,7 @@ def base_answers(cfg: C.RunConfig, base_model, tok, prompts: list[str], progress
             log.info("base answers found in cache: %s", path)
             return [r["answer"] for r in rows]
         log.warning("base answers cache %s does not match its prompts; generating them again", path)
-    answers = generate(base_model, tok, prompts, _benign_settings(cfg), progress=progress, desc="base answers")
+    answers = generate(base_model, tok, prompts, settings, progress=progress, desc="base answers")
     if is_main_process():
         io.write_jsonl(path, [{"prompt": p, "answer": a} for p, a in zip(prompts, answers, strict=True)])
     return answers

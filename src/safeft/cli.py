@@ -9,7 +9,7 @@ safeft ls                                             registered defenses, judge
 safeft validate [--config F] [k=v ...]                every check `train` runs before it starts, nothing written
 safeft diagnose RUN [--compare RUN2] [...]            layer-wise CKA / KL / ASR over a run's checkpoints, with pictures
 safeft sweep    SWEEP.yaml [--dry-run] [--shard i/n]  a grid of runs (resumable; each cell a run directory)
-safeft report   SWEEP_DIR|RUN ... [--judge J]             the table with intervals, Pareto plot, curves, one report
+safeft report   SWEEP_DIR|RUN ... [--judge J]         the table with intervals, Pareto plot, curves, one report
 safeft export   RUN --adapter OUT | --merged OUT      a standard PEFT adapter or merged model, with a model card
 safeft config   [--config F] [k=v ...]                the resolved config: every key, its value and its meaning
 safeft data     fetch | status                        install / check the packages that ship the model and benchmarks
