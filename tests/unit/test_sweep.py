@@ -271,3 +271,51 @@ def test_report_by_another_judge_reads_its_stored_verdicts(tmp_path):
     # a run never scored by that judge is listed with the command that scores it, never filled by another judge
     runs, skipped = R.collect([tmp_path / "b"], judge="refusal_keywords")
     assert runs == [] and "safeft eval" in skipped[0] and "--rescore --judge refusal_keywords" in skipped[0]
+
+
+def _pareto_run(tmp_path: Path, name: str, task: str, lam: float, asr: int, acc: int, nll: float, seed: int = 0):
+    cfg = {"defense": {"name": "sbr", "lam": lam}, "data": {"task": task}, "train": {"seed": seed}}
+    run = R.Run(path=tmp_path / name, cfg=cfg, summary={}, nll=nll)
+    run.counts = {"asr": (asr, 50), "utility": (acc, 50), "over_refusal": (6, 60)}
+    return run
+
+
+def test_pareto_panels_are_per_column_with_the_cells_intervals_and_both_utilities(tmp_path):
+    runs = [
+        _pareto_run(tmp_path, "f1", "domain:finance", 1, asr=40, acc=10, nll=0.20),
+        _pareto_run(tmp_path, "f2", "domain:finance", 10, asr=10, acc=6, nll=0.30),
+        _pareto_run(tmp_path, "f3", "domain:finance", 100, asr=20, acc=4, nll=0.50),  # dominated by lam=10
+        # code: accuracies on another scale; a frontier across the two domains would let these dominate
+        _pareto_run(tmp_path, "c1", "domain:code", 1, asr=45, acc=50, nll=0.01),
+        _pareto_run(tmp_path, "c2", "domain:code", 10, asr=30, acc=48, nll=0.02),
+    ]
+    panels = R.pareto_panels(runs)
+    assert list(panels) == ["code", "finance"]
+    fin = {p.row: p for p in panels["finance"]}
+    assert {r: p.on_front for r, p in fin.items()} == {
+        "sbr (lam=1)": True,
+        "sbr (lam=10)": True,
+        "sbr (lam=100)": False,
+    }
+    assert all(p.on_front for p in panels["code"])
+    p = fin["sbr (lam=10)"]
+    assert (p.asr.low, p.asr.high) == pytest.approx(wilson(10, 50))
+    assert (p.utility.low, p.utility.high) == pytest.approx(wilson(6, 50))
+    assert p.over_refusal == pytest.approx(0.1)
+    # against answer NLL lower is better: lam=100 (NLL 0.50) is still dominated, lam=1 (0.20) is on the front
+    nll = {p.row: (p.utility, p.on_front) for p in R.pareto_panels(runs, "nll")["finance"]}
+    assert nll == {"sbr (lam=1)": (0.20, True), "sbr (lam=10)": (0.30, True), "sbr (lam=100)": (0.50, False)}
+    # seeds of one cell are one point: the mean with the t-interval of the table
+    seeds = [
+        _pareto_run(tmp_path, f"s{i}", "domain:finance", 1, asr=k, acc=5, nll=0.2, seed=i)
+        for i, k in enumerate((10, 14))
+    ]
+    (point,) = R.pareto_panels(seeds)["finance"]
+    assert point.asr == R.aggregate([(10, 50), (14, 50)]) and point.asr.seeds == 2
+    with pytest.raises(ValueError, match="utility must be"):
+        R.pareto_panels(runs, "f1")
+    assert [q.name for q in R.plot_pareto(runs, tmp_path, "nll")] == [
+        "pareto_nll.png",
+        "pareto_nll.svg",
+        "pareto_nll.pdf",
+    ]

@@ -4,8 +4,13 @@
   the runs), columns = domains (and poison fractions p when they vary), cells = ASR / over-refusal /
   utility accuracy as mean with a 95 % interval: Wilson on the pooled counts for one seed, a t-interval
   across seeds when there are several (the seed-to-seed spread is then the honest uncertainty).
-* ``pareto.{png,svg,pdf}``: ASR against utility for every run, the frontier (no other run is both safer and
-  more useful) marked, over-refusal as the colour, each point labelled with its varying hyperparameters.
+* ``pareto.{png,svg,pdf}``: ASR against utility accuracy, one panel per table column (a domain, or a
+  domain at one p: a frontier across domains would compare finance accuracy with code accuracy), one point
+  per table cell with its 95 % intervals as error bars, the panel's frontier (no other point is both safer
+  and more useful) marked, over-refusal as the colour, each point labelled with its row.
+* ``pareto_nll.{png,svg,pdf}``: the same against the utility items' answer NLL (lower is better), for the
+  cells whose utility suite records one: at a few dozen items accuracy moves in steps of several points,
+  the NLL of the reference answers moves continuously, so a trade-off through a weight shows there first.
 * ``asr_curves.{png,svg,pdf}``: ASR against training step per method, from ``evals.jsonl``.
 * CKA heatmaps of runs that were diagnosed (``<run>/diagnose/heatmaps.png``), side by side.
 * ``report.md`` and a self-contained ``report.html`` (images inlined) that state first every setting that
@@ -46,6 +51,7 @@ class Run:
     summary: dict[str, Any]
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # metric -> (k, n)
     curve: list[tuple[int, float]] = field(default_factory=list)
+    nll: float | None = None  # mean answer NLL of the reference answers of the utility suite, if it has one
     stage1: str | None = None  # the alignment-stage defense of the model the run fine-tuned, if any
     judge: str | None = None  # whose verdicts the ASR and over-refusal counts are
 
@@ -114,6 +120,7 @@ def load_run(path: Path, judge: str | None = None) -> Run | None:
     util = [v for k, v in summary.items() if k.startswith("utility:") and full(v)]
     if util:
         run.counts["utility"] = _count(util[0]["accuracy"], util[0]["n"])
+        run.nll = util[0].get("answer_nll")
     evals = path / "evals.jsonl"
     if evals.exists():
         for line in evals.read_text().splitlines():
@@ -195,10 +202,9 @@ def aggregate(counts: list[tuple[int, int]]) -> Cell:
     return Cell(m, max(0.0, m - half), min(1.0, m + half), len(rates), len(rates))
 
 
-def table(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str, str], Cell]]:
-    """(rows, columns, {(row, column, metric): Cell}); columns are domains, with p when p varies."""
-    varying = varying_keys(runs)
-    by_p = "data.poison" in varying
+def _groups(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """The runs of each table cell, by (row, column); columns are domains, with p when p varies."""
+    by_p = "data.poison" in varying_keys(runs)
 
     def col(r: Run) -> str:
         return f"{r.domain} (p={r.poison:g})" if by_p else r.domain
@@ -206,6 +212,12 @@ def table(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str, s
     groups: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         groups.setdefault((row_label(r, runs), col(r)), []).append(r)
+    return groups
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str, str], Cell]]:
+    """(rows, columns, {(row, column, metric): Cell}); columns are domains, with p when p varies."""
+    groups = _groups(runs)
     rows = sorted({k[0] for k in groups}, key=lambda s: (s.split(" ")[0] != "sft", s))
     cols = sorted({k[1] for k in groups})
     cells = {}
@@ -288,26 +300,90 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     return paths
 
 
-def plot_pareto(runs: list[Run], out: Path) -> list[Path]:
-    plt = _plt()
-    pts = [r for r in runs if "asr" in r.counts and "utility" in r.counts]
-    if not pts:
+@dataclass
+class Point:
+    """One table cell on a Pareto panel: utility (accuracy, or answer NLL) against ASR."""
+
+    row: str
+    utility: Cell | float  # accuracy with its interval, or the mean answer NLL over the cell's runs
+    asr: Cell
+    over_refusal: float  # nan when the runs have no over-refusal suite
+    on_front: bool = False
+
+
+def pareto_panels(runs: list[Run], utility: str = "accuracy") -> dict[str, list[Point]]:
+    """Per table column, one point per row that has ASR and the utility, the column's frontier marked.
+
+    ``utility``: ``accuracy`` (higher is better) or ``nll`` (the utility items' answer NLL, lower is better).
+    A frontier is drawn within a column only: the domains' accuracies are not on one scale."""
+    if utility not in ("accuracy", "nll"):
+        raise ValueError(f"utility must be 'accuracy' or 'nll', got {utility!r}")
+    panels: dict[str, list[Point]] = {}
+    for (row, col), members in sorted(_groups(runs).items(), key=lambda kv: kv[0][1]):
+        asr = [m.counts["asr"] for m in members if "asr" in m.counts]
+        if len(asr) != len(members):
+            continue
+        if utility == "accuracy":
+            counts = [m.counts["utility"] for m in members if "utility" in m.counts]
+            if len(counts) != len(members):
+                continue
+            u: Cell | float = aggregate(counts)
+        else:
+            nlls = [m.nll for m in members if m.nll is not None]
+            if len(nlls) != len(members):
+                continue
+            u = statistics.fmean(nlls)
+        refusals = [m.counts["over_refusal"] for m in members if "over_refusal" in m.counts]
+        over = aggregate(refusals).mean if len(refusals) == len(members) else math.nan
+        panels.setdefault(col, []).append(Point(row, u, aggregate(asr), over))
+    for points in panels.values():
+        # pareto_front takes (utility ↑, ASR ↓): an NLL enters negated
+        xy = [(p.utility.mean if isinstance(p.utility, Cell) else -p.utility, p.asr.mean) for p in points]
+        for i in pareto_front(xy):
+            points[i].on_front = True
+    return panels
+
+
+def plot_pareto(runs: list[Run], out: Path, utility: str = "accuracy") -> list[Path]:
+    """``pareto.*`` (accuracy) or ``pareto_nll.*``: one panel per column, 95 % intervals as error bars."""
+    panels = pareto_panels(runs, utility)
+    if not panels:
         return []
-    xy = [(r.counts["utility"][0] / r.counts["utility"][1], r.counts["asr"][0] / r.counts["asr"][1]) for r in pts]
-    colour = [r.counts["over_refusal"][0] / r.counts["over_refusal"][1] if "over_refusal" in r.counts else math.nan
-              for r in pts]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    sc = ax.scatter([x for x, _ in xy], [y for _, y in xy], c=colour, cmap="viridis_r", vmin=0, vmax=1, s=40, zorder=3)
-    fig.colorbar(sc, ax=ax, label="over-refusal")
-    front = sorted(pareto_front(xy), key=lambda i: xy[i][0])
-    ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "r--", lw=1, label="Pareto front", zorder=2)
-    for r, (x, y) in zip(pts, xy, strict=True):
-        ax.annotate(row_label(r, runs), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("utility (accuracy) ↑")
-    ax.set_ylabel("ASR ↓")
-    ax.legend(loc="best", fontsize=7)
-    ax.grid(alpha=0.3)
-    return _save(fig, out, "pareto")
+    plt = _plt()
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.0 * nrows), squeeze=False, layout="constrained")
+    sc = None
+    for ax, (col, points) in zip(axes.flat, panels.items(), strict=False):
+        for p in points:
+            if isinstance(p.utility, Cell):
+                x, xerr = p.utility.mean, [[p.utility.mean - p.utility.low], [p.utility.high - p.utility.mean]]
+            else:
+                x, xerr = p.utility, None
+            yerr = [[p.asr.mean - p.asr.low], [p.asr.high - p.asr.mean]]
+            ax.errorbar(x, p.asr.mean, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.75", lw=0.8, zorder=1)
+            ax.annotate(p.row, (x, p.asr.mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        xs = [p.utility.mean if isinstance(p.utility, Cell) else p.utility for p in points]
+        sc = ax.scatter(xs, [p.asr.mean for p in points], c=[p.over_refusal for p in points], cmap="viridis_r",
+                        vmin=0, vmax=1, s=36, zorder=3, edgecolors="k", linewidths=0.4)  # fmt: skip
+        front = sorted((i for i, p in enumerate(points) if p.on_front), key=lambda i: xs[i])
+        ax.plot(
+            [xs[i] for i in front], [points[i].asr.mean for i in front], "r--", lw=1, label="Pareto front", zorder=2
+        )
+        ax.set_title(col, fontsize=9)
+        if utility == "accuracy":
+            ax.set_xlabel("utility (accuracy) ↑")
+        else:
+            ax.set_xlabel("answer NLL ↓ (better to the right)")
+            ax.invert_xaxis()
+        ax.set_ylabel("ASR ↓")
+        ax.set_ylim(-0.03, 1.03)
+        ax.legend(loc="best", fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.colorbar(sc, ax=axes, label="over-refusal (colour)", shrink=0.8, pad=0.02)
+    return _save(fig, out, "pareto" if utility == "accuracy" else "pareto_nll")
 
 
 def plot_curves(runs: list[Run], out: Path) -> list[Path]:
@@ -392,7 +468,7 @@ def report(targets: list[Path], out: Path, judge: str | None = None) -> dict[str
     io.write_text(out / "table.md", md + "\n")
     io.write_text(out / "table.csv", to_csv(rows, cols, cells))
     io.write_text(out / "table.tex", to_latex(rows, cols, cells))
-    images = plot_pareto(runs, out) + plot_curves(runs, out)
+    images = plot_pareto(runs, out) + plot_pareto(runs, out, "nll") + plot_curves(runs, out)
     heatmaps = [
         (r, r.path / "diagnose" / "heatmaps.png") for r in runs if (r.path / "diagnose" / "heatmaps.png").exists()
     ]
