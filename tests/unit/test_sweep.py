@@ -319,3 +319,13 @@ def test_pareto_panels_are_per_column_with_the_cells_intervals_and_both_utilitie
         "pareto_nll.svg",
         "pareto_nll.pdf",
     ]
+
+
+def test_rows_order_numbers_by_value(tmp_path):
+    runs = [
+        _pareto_run(tmp_path, f"r{lam}", "domain:finance", lam, asr=5, acc=5, nll=0.3) for lam in (15.0, 150.0, 5.0)
+    ]
+    sft = _pareto_run(tmp_path, "sft", "domain:finance", 0, asr=9, acc=5, nll=0.3)
+    sft.cfg["defense"] = {"name": "sft"}
+    rows, _, _ = R.table([*runs, sft])
+    assert rows == ["sft", "sbr (lam=5.0)", "sbr (lam=15.0)", "sbr (lam=150.0)"]

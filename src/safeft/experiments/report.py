@@ -27,6 +27,7 @@ import csv
 import io as _io
 import json
 import math
+import re
 import statistics
 import subprocess
 from dataclasses import dataclass, field
@@ -215,10 +216,16 @@ def _groups(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     return groups
 
 
+def _natural(label: str) -> list:
+    """Sort key that orders numbers by value: ``lam=5.0`` before ``lam=15.0`` before ``lam=150.0``."""
+    parts = re.split(r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?)", label)
+    return [(0, float(x), "") if i % 2 else (1, 0.0, x) for i, x in enumerate(parts)]
+
+
 def table(runs: list[Run]) -> tuple[list[str], list[str], dict[tuple[str, str, str], Cell]]:
     """(rows, columns, {(row, column, metric): Cell}); columns are domains, with p when p varies."""
     groups = _groups(runs)
-    rows = sorted({k[0] for k in groups}, key=lambda s: (s.split(" ")[0] != "sft", s))
+    rows = sorted({k[0] for k in groups}, key=lambda s: (s.split(" ")[0] != "sft", _natural(s)))
     cols = sorted({k[1] for k in groups})
     cells = {}
     for (row, c), members in groups.items():
