@@ -94,7 +94,7 @@ def test_sweep_runs_every_cell_and_report_matches_the_runs(finished):
     out = tmp / "report"
     res = R.report([sweep.out_dir], out)
     assert res["runs"] == 4 and not res["skipped"]
-    for name in ("table.md", "table.csv", "table.tex", "report.md", "report.html"):
+    for name in ("table.md", "table.csv", "table.tex", "report.md", "report.html", "pareto.svg", "pareto_nll.svg"):
         assert (out / name).stat().st_size > 0
     rows = list(csv.DictReader((out / "table.csv").open()))
     assert {r["method"] for r in rows} == {"sft", "sbr"} and {r["column"] for r in rows} == {"finance", "code"}
