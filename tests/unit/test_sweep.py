@@ -329,3 +329,13 @@ def test_rows_order_numbers_by_value(tmp_path):
     sft.cfg["defense"] = {"name": "sft"}
     rows, _, _ = R.table([*runs, sft])
     assert rows == ["sft", "sbr (lam=5.0)", "sbr (lam=15.0)", "sbr (lam=150.0)"]
+
+
+def test_a_report_drops_the_plots_of_an_earlier_report_these_runs_no_longer_make(tmp_path):
+    # runs without a utility suite make no Pareto plot: one left by an earlier report must not pass for theirs
+    _fake_run(tmp_path / "runs", "a", "m", 0.2)
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "pareto_nll.svg").write_text("<svg>an earlier report's</svg>")
+    R.report([tmp_path / "runs" / "a"], out)
+    assert not (out / "pareto_nll.svg").exists() and (out / "table.md").exists()

@@ -475,6 +475,9 @@ def report(targets: list[Path], out: Path, judge: str | None = None) -> dict[str
     io.write_text(out / "table.md", md + "\n")
     io.write_text(out / "table.csv", to_csv(rows, cols, cells))
     io.write_text(out / "table.tex", to_latex(rows, cols, cells))
+    for stem in ("pareto", "pareto_nll", "asr_curves"):  # an earlier report's plot these runs no longer make
+        for ext in ("png", "svg", "pdf"):
+            (out / f"{stem}.{ext}").unlink(missing_ok=True)
     images = plot_pareto(runs, out) + plot_pareto(runs, out, "nll") + plot_curves(runs, out)
     heatmaps = [
         (r, r.path / "diagnose" / "heatmaps.png") for r in runs if (r.path / "diagnose" / "heatmaps.png").exists()
