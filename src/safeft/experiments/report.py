@@ -297,9 +297,13 @@ def _plt():
     return plt
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")  # every plot is written in each; PNG is what the reports embed
+PLOTS = ("pareto", "pareto_nll", "asr_curves")  # the stems report() draws
+
+
 def _save(fig, out: Path, stem: str) -> list[Path]:
     paths = []
-    for ext in ("png", "svg", "pdf"):
+    for ext in PLOT_FORMATS:
         p = out / f"{stem}.{ext}"
         fig.savefig(p, dpi=100, bbox_inches="tight")
         paths.append(p)
@@ -316,6 +320,11 @@ class Point:
     asr: Cell
     over_refusal: float  # nan when the runs have no over-refusal suite
     on_front: bool = False
+
+    @property
+    def x(self) -> float:
+        """Where the point sits on the utility axis: the accuracy's mean, or the NLL itself."""
+        return self.utility.mean if isinstance(self.utility, Cell) else self.utility
 
 
 def pareto_panels(runs: list[Run], utility: str = "accuracy") -> dict[str, list[Point]]:
@@ -345,7 +354,7 @@ def pareto_panels(runs: list[Run], utility: str = "accuracy") -> dict[str, list[
         panels.setdefault(col, []).append(Point(row, u, aggregate(asr), over))
     for points in panels.values():
         # pareto_front takes (utility ↑, ASR ↓): an NLL enters negated
-        xy = [(p.utility.mean if isinstance(p.utility, Cell) else -p.utility, p.asr.mean) for p in points]
+        xy = [(p.x if utility == "accuracy" else -p.x, p.asr.mean) for p in points]
         for i in pareto_front(xy):
             points[i].on_front = True
     return panels
@@ -362,15 +371,13 @@ def plot_pareto(runs: list[Run], out: Path, utility: str = "accuracy") -> list[P
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.0 * nrows), squeeze=False, layout="constrained")
     sc = None
     for ax, (col, points) in zip(axes.flat, panels.items(), strict=False):
+        xs = [p.x for p in points]
         for p in points:
-            if isinstance(p.utility, Cell):
-                x, xerr = p.utility.mean, [[p.utility.mean - p.utility.low], [p.utility.high - p.utility.mean]]
-            else:
-                x, xerr = p.utility, None
+            u = p.utility
+            xerr = [[u.mean - u.low], [u.high - u.mean]] if isinstance(u, Cell) else None  # an NLL has no interval
             yerr = [[p.asr.mean - p.asr.low], [p.asr.high - p.asr.mean]]
-            ax.errorbar(x, p.asr.mean, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.75", lw=0.8, zorder=1)
-            ax.annotate(p.row, (x, p.asr.mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        xs = [p.utility.mean if isinstance(p.utility, Cell) else p.utility for p in points]
+            ax.errorbar(p.x, p.asr.mean, xerr=xerr, yerr=yerr, fmt="none", ecolor="0.75", lw=0.8, zorder=1)
+            ax.annotate(p.row, (p.x, p.asr.mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
         sc = ax.scatter(xs, [p.asr.mean for p in points], c=[p.over_refusal for p in points], cmap="viridis_r",
                         vmin=0, vmax=1, s=36, zorder=3, edgecolors="k", linewidths=0.4)  # fmt: skip
         front = sorted((i for i, p in enumerate(points) if p.on_front), key=lambda i: xs[i])
@@ -475,8 +482,8 @@ def report(targets: list[Path], out: Path, judge: str | None = None) -> dict[str
     io.write_text(out / "table.md", md + "\n")
     io.write_text(out / "table.csv", to_csv(rows, cols, cells))
     io.write_text(out / "table.tex", to_latex(rows, cols, cells))
-    for stem in ("pareto", "pareto_nll", "asr_curves"):  # an earlier report's plot these runs no longer make
-        for ext in ("png", "svg", "pdf"):
+    for stem in PLOTS:  # an earlier report's plot these runs no longer make
+        for ext in PLOT_FORMATS:
             (out / f"{stem}.{ext}").unlink(missing_ok=True)
     images = plot_pareto(runs, out) + plot_pareto(runs, out, "nll") + plot_curves(runs, out)
     heatmaps = [
