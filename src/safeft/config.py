@@ -272,6 +272,25 @@ def _key(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _over_default(f: dataclasses.Field, value: Any) -> Any:
+    """A partial section overrides the field's own default, not its class's: ``align.lora.r=8`` must keep
+    AlignConfig's ``align.lora.alpha`` (64), where building LoraConfig from the keys given would reset it to
+    LoraConfig's (32). Defense sections are built from their ``name`` and are left as given."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default) or isinstance(default, DefenseConfig):
+        return value
+    return _merged(to_dict(default), value)
+
+
 def build(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, strictly. ``where`` is the dotted key path so far."""
     if data is None:
@@ -297,7 +316,7 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], _key(where, name))
+            kwargs[name] = _coerce(_over_default(f, data[name]), hints[name], _key(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required field {_key(where, name)!r}")
     return cls(**kwargs)

@@ -27,6 +27,22 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.steps == 5
 
 
+def test_a_partial_section_overrides_the_fields_default_not_its_classs(tmp_path):
+    # AlignConfig's train and lora sections default to values of their own (steps, LoRA alpha 64), not to
+    # TrainConfig's and LoraConfig's: one dotted key must change that key only (it once reset the rest to the
+    # class defaults, so align.train.steps=120 trained at TrainConfig's lr)
+    default = C.load().align
+    cfg = C.load(overrides=["align.train.lr=1e-4", "align.lora.r=8"]).align
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.schedule) == (1e-4, default.train.steps, default.train.schedule)
+    assert (cfg.lora.r, cfg.lora.alpha) == (8, default.lora.alpha)
+    assert default.train.steps != C.TrainConfig().steps and default.lora.alpha != C.LoraConfig().alpha  # a real test
+    f = tmp_path / "c.yaml"
+    f.write_text("align:\n  train:\n    lr: 1.0e-4\n")
+    assert C.load(f).align.train.steps == default.train.steps  # YAML sections too
+    # a defense section is built from its name, never merged with SFT's default
+    assert C.load(overrides=["defense.name=sbr"]).defense.name == "sbr"
+
+
 def test_unknown_key_names_file_and_key_with_hint(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("train:\n  lrr: 0.1\n")
