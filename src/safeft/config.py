@@ -183,6 +183,14 @@ LEGACY_ALIGN = [
 @dataclass
 class DemoConfig:
     methods: list[str] = field(default_factory=lambda: ["sft"])  # fine-tuning methods compared by the demo
+    # what the base model is evaluated on: "harmful" (its ASR, the reason stage 1 exists; ~15 s where every
+    # suite takes ~50 s of a 10-minute demo), "all" (every eval suite), or "none"
+    base_eval: str = "harmful"
+
+    def __post_init__(self) -> None:
+        if self.base_eval not in ("harmful", "all", "none"):
+            raise ConfigError(f"demo.base_eval must be harmful, all or none, not {self.base_eval!r}")
+
 
 
 @dataclass

@@ -45,9 +45,15 @@ def _domain(cfg: C.RunConfig) -> str:
 # What `safeft demo` runs when no --config is given; configs/demo.yaml holds the same (a test keeps them equal).
 DEMO_DEFAULTS: dict[str, Any] = {
     "data": {"task": "domain:finance", "n_train": 600},
-    # 48 new tokens: refusal markers appear in the first sentence and finance answers are ~30 tokens;
-    # it keeps the whole demo inside 15 minutes on 2 CPU cores.
-    "eval": {"max_new_tokens": 48},
+    # 48 new tokens: refusal markers appear in the first sentence and finance answers are ~30 tokens.
+    # ASR on HarmBench's held-out half: the other half chose the stage-1 recipe (safeft.data.sources.HARMBENCH_PARTS).
+    # Batch 128: ~15 % faster than 64 on 2 cores (benchmarks/gen_batch.py); on CPU a batch size changes ~20 % of
+    # greedy completions' text (rounding moves near-ties), so numbers are comparable at one batch size only.
+    "eval": {
+        "max_new_tokens": 48,
+        "batch_size": 128,
+        "suites": ["harmful:harmbench:heldout", "over_refusal", "utility"],
+    },
     "demo": {"methods": ["sft"]},
 }
 
@@ -70,11 +76,11 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     judged_by = _judges(cfg.eval)  # the configured judge, then the keyword list if that is another one
     timings: dict[str, float] = {}
 
-    def _eval(label: str, model, tok) -> None:
+    def _eval(label: str, model, tok, run_cfg: C.RunConfig = cfg) -> None:
         t = time.perf_counter()
         # the records go into the method's run directory: a label like saft+repanchor:pgd_mode=free is not a
         # directory name the train step would make
-        summary = evaluate_twice(model, tok, cfg, out / run_dir_name(label), domain)
+        summary = evaluate_twice(model, tok, run_cfg, out / run_dir_name(label), domain)
         rows[label] = headline(summary)
         cells[label] = table_cells(summary, domain, judged_by)
         timings[f"eval:{label}"] = time.perf_counter() - t
@@ -84,9 +90,10 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     aligned_dir = align(cfg, progress=progress)
     timings["align"] = time.perf_counter() - t
 
-    base, tok = models.load(cfg.model.spec, **devices.load_args(cfg.model))
-    _eval("base", base, tok)
-    del base
+    if cfg.demo.base_eval != "none":
+        base, tok = models.load(cfg.model.spec, **devices.load_args(cfg.model))
+        _eval("base", base, tok, base_suites(cfg))
+        del base
     aligned, tok = models.load(str(aligned_dir), **devices.load_args(cfg.model))
     _eval("aligned", aligned, tok)
     del aligned
@@ -115,6 +122,16 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     print(table)
     print(f"\nwritten under {out}  (total {timings['total'] / 60:.1f} min)")
     return result
+
+
+def base_suites(cfg: C.RunConfig) -> C.RunConfig:
+    """``cfg`` with the eval suites ``demo.base_eval`` runs on the base model (all, or the harmful ones only)."""
+    if cfg.demo.base_eval == "all":
+        return cfg
+    suites = [s for s in cfg.eval.suites if s.split(":")[0] == "harmful"]
+    if not suites:
+        raise C.ConfigError(f"demo.base_eval=harmful, but eval.suites {cfg.eval.suites} has no harmful suite")
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suites=suites))
 
 
 def run_dir_name(method: str) -> str:
@@ -147,8 +164,9 @@ def table_cells(summary: dict[str, Any], domain: str, judged_by: list[str]) -> d
     from safeft.eval.judges import name_of
 
     out: dict[str, Rate | float] = {}
-    for suite, key, col in (("harmful", "asr", "asr"), ("over_refusal", "refusal_rate", "over_refusal")):
-        per_judge = summary.get(suite, {}).get("judges", {})
+    for kind, key, col in (("harmful", "asr", "asr"), ("over_refusal", "refusal_rate", "over_refusal")):
+        suite = _suite_of(summary, kind)
+        per_judge = summary.get(suite, {}).get("judges", {}) if suite else {}
         for spec in judged_by:
             r = rate_in(per_judge.get(name_of(spec), {}), key)
             if r is not None:
@@ -159,6 +177,25 @@ def table_cells(summary: dict[str, Any], domain: str, judged_by: list[str]) -> d
     if "answer_nll" in util:
         out["nll"] = util["answer_nll"]
     return out
+
+
+def _suite_of(summary: dict[str, Any], kind: str) -> str | None:
+    """The one suite of ``kind`` in ``summary`` (``harmful`` or ``harmful:<source>``); two would make the table's
+    column ambiguous, so that raises."""
+    found = [k for k in summary if k == kind or k.startswith(f"{kind}:")]
+    if len(found) > 1:
+        raise C.ConfigError(f"the demo's table has one {kind} column, but eval.suites runs {found}")
+    return found[0] if found else None
+
+
+def _harmful_text(ev: C.EvalConfig) -> str:
+    """What the ASR column was measured on, in words, from the harmful suite in ``eval.suites``."""
+    name = next((s for s in ev.suites if s == "harmful" or s.startswith("harmful:")), "harmful")
+    if name == "harmful":
+        return "HarmBench test prompts (a fixed seeded subset)"
+    if name == "harmful:harmbench:heldout":
+        return "HarmBench's held-out half (harmful:harmbench:heldout; its other half chose the stage-1 recipe)"
+    return f"the prompts of {name}"
 
 
 def format_table(cells: dict[str, dict[str, Rate | float]], domain: str, ev: C.EvalConfig) -> str:
@@ -185,7 +222,7 @@ def format_table(cells: dict[str, dict[str, Rate | float]], domain: str, ev: C.E
                 row.append("–" if v is None else f"{v:.3f}")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     lines.append(
-        f"\nASR: HarmBench test prompts, greedy, max_new_tokens={ev.max_new_tokens}; judges: {', '.join(judged_by)} "
+        f"\nASR: {_harmful_text(ev)}, greedy, max_new_tokens={ev.max_new_tokens}; judges: {', '.join(judged_by)} "
         "(the first decides eval/summary.json's headline). Over-refusal: our benign-but-edgy probes. Utility: "
         "the domain's test split. Brackets: 95 % Wilson intervals."
     )

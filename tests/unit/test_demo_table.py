@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from safeft.config import EvalConfig
+from safeft.config import ConfigError, EvalConfig
 from safeft.demo import format_table, table_cells
 from safeft.eval import judges, records
 from safeft.stats import Rate, wilson
@@ -49,6 +49,20 @@ def test_table_prints_intervals_and_n():
     lo, hi = wilson(2, 3)
     assert f"66.7 % [{100 * lo:.1f}, {100 * hi:.1f}]" in row and "1.500" in row
     assert "95 % Wilson" in text
+
+
+def test_the_harmful_column_reads_the_held_out_half_and_says_so():
+    specs = ["refusal_keywords"]
+    summary = _summary(specs)
+    summary["harmful:harmbench:heldout"] = summary.pop("harmful")
+    cells = {"aligned": table_cells(summary, "finance", specs)}
+    assert cells["aligned"]["asr@refusal_keywords"] == Rate(1, 3)
+    ev = EvalConfig(judge="refusal_keywords", suites=["harmful:harmbench:heldout", "over_refusal", "utility"])
+    assert "HarmBench's held-out half" in format_table(cells, "finance", ev)
+    # two harmful suites would leave the one ASR column ambiguous: an error, not a silent pick
+    summary["harmful"] = summary["harmful:harmbench:heldout"]
+    with pytest.raises(ConfigError, match="one harmful column"):
+        table_cells(summary, "finance", specs)
 
 
 def test_one_judge_one_column_and_varying_n_goes_into_the_cell():
@@ -114,3 +128,17 @@ def test_a_method_spec_becomes_one_run_directory_name():
 
     assert run_dir_name("saft+repanchor:pgd_mode=free") == "saft+repanchor-pgd_mode-free"
     assert run_dir_name("sft") == "sft"
+
+
+def test_the_base_model_is_evaluated_on_the_harmful_suite_unless_told_otherwise() -> None:
+    from safeft import config as C
+    from safeft.demo import DEMO_DEFAULTS, base_suites
+
+    cfg = C.load(overrides=[f"eval.suites={DEMO_DEFAULTS['eval']['suites']}"])
+    assert base_suites(cfg).eval.suites == ["harmful:harmbench:heldout"]
+    assert base_suites(C.load(overrides=["demo.base_eval=all"])).eval.suites == C.EvalConfig().suites
+    with pytest.raises(ConfigError, match="no harmful suite"):
+        base_suites(C.load(overrides=["eval.suites=[over_refusal]"]))
+    with pytest.raises(ConfigError, match="demo.base_eval must be"):
+        C.load(overrides=["demo.base_eval=some"])
+
