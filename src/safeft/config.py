@@ -133,20 +133,25 @@ class EvalConfig:
 
 @dataclass
 class AlignConfig:
-    # The boundary recipe, chosen on dev only (Do-Not-Answer dev and the probes' dev split, never HarmBench or
-    # the test probes): benchmarks/align_frontier_round2.yaml, docs/results.md. The model aligned before it
-    # (128 + 48 rows, 48 steps, plain refusals) is ``LEGACY_ALIGN`` below; round 4's choice ``ROUND4_ALIGN``.
+    # The boundary recipe, chosen on dev only (Do-Not-Answer dev and the probes' dev split, never HarmBench's
+    # held-out half or the test probes): benchmarks/align_frontier_round2.yaml, then round 5's shorter stage 1
+    # (benchmarks/align_frontier_round5.yaml, chosen on HarmBench's dev half), docs/results.md. The model aligned
+    # before it (128 + 48 rows, 48 steps, plain refusals) is ``LEGACY_ALIGN`` below; round 2's ``ROUND2_ALIGN``,
+    # round 4's choice ``ROUND4_ALIGN``.
     n_harmful: int = 320  # Do-Not-Answer prompts -> our refusals
     n_benign: int = 48  # benign prompts of our lists -> the base model's own answers (keeps it helpful)
     benign_mix: str = "sample"  # sample (seeded, from all benign prompts) | edgy_first (every edgy one first)
-    benign_max_new_tokens: int = 96
+    # 40, not round 2's 96: the answers teach "answer, don't refuse", which their first sentences carry; rows of
+    # ~73 instead of ~93 tokens make a step ~40 % cheaper (round 5: the pick has the lowest dev over-refusal)
+    benign_max_new_tokens: int = 40
     # share of harmful prompts wrapped in an instruction-style framing (align.py). The framings sit on refused
     # prompts only and became a refusal cue (70 % of benign dev probes refused inside one), yet without them
     # HarmBench ASR rose 12 -> 27 % (ROUND4_ALIGN, docs/results.md): kept until a recipe does better on both
     restyle: float = 0.5
     seed: int = 0
-    # ~2.6 epochs over the 750 rows at batch 8; r = 32 and lr 6e-4 fit the boundary better than r = 16 at 3e-4
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=240, lr=6e-4, schedule="cosine"))
+    # ~1 epoch over the 750 rows at batch 8 (round 2: 240 steps, ~2.6 epochs); r = 32 and lr 6e-4 fit the boundary
+    # better than r = 16 at 3e-4; lr 1e-3 let 26 % of HarmBench's dev half through (round 5)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=96, lr=6e-4, schedule="cosine"))
     # The recipe fields (align.py). Their values that reproduce the legacy model (align.RECIPE_DEFAULTS) stay
     # out of the cache key, so that model keeps its key; any other value enters it.
     contrastive: int = 132  # our contrastive pairs used: benign side -> base model's answer, harmful -> refusal
@@ -163,13 +168,17 @@ class AlignConfig:
     lora: LoraConfig | None = field(default_factory=lambda: LoraConfig(r=32, alpha=64))
 
 
+# Round 2's choice, the default until round 5 (docs/results.md): every table measured before round 5 stands on it.
+ROUND2_ALIGN = ["align.benign_max_new_tokens=96", "align.train.steps=240"]
+
 # Round 4's dev choice (docs/results.md): the request pairs in place of the framings. Over-refusal of benign
 # instructions fell (60 -> 26 % on dev) but HarmBench ASR rose to 27 %, so it is not the default.
-ROUND4_ALIGN = ["align.request_pairs=168", "align.restyle=0.0"]
+ROUND4_ALIGN = [*ROUND2_ALIGN, "align.request_pairs=168", "align.restyle=0.0"]
 
 # The stage-1 recipe before the boundary recipe (the aligned model of the first demos): dotted overrides.
 LEGACY_ALIGN = [
     "align.n_harmful=128",
+    "align.benign_max_new_tokens=96",
     "align.train.steps=48",
     "align.train.lr=3e-4",
     "align.contrastive=0",
@@ -190,7 +199,6 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.base_eval not in ("harmful", "all", "none"):
             raise ConfigError(f"demo.base_eval must be harmful, all or none, not {self.base_eval!r}")
-
 
 
 @dataclass

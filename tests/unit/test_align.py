@@ -75,15 +75,18 @@ def test_trim_to_sentence():
 # Change these only on purpose, with docs/results.md.
 LEGACY_KEY = "7df6a2c549df"
 EDGY_FIRST_80_KEY = "3b00ad10f20b"
-DEFAULT_KEY = "02a635a561aa"
-ROUND4_KEY = "5e685f2a2bba"  # round 4's dev choice, not the default (docs/results.md)
+DEFAULT_KEY = "9a500d9293f2"  # round 5's pick (96 steps, answers of up to 40 tokens)
+ROUND2_KEY = "02a635a561aa"  # round 2's pick, the default until round 5: every earlier table stands on it
+ROUND4_KEY = "5e685f2a2bba"  # round 4's dev choice, never the default (docs/results.md)
 
 
 def test_default_config_is_the_dev_chosen_recipe():
     assert align.cache_key(default_cfg()) == DEFAULT_KEY
+    assert align.cache_key(default_cfg(*C.ROUND2_ALIGN)) == ROUND2_KEY
     assert align.cache_key(default_cfg(*C.ROUND4_ALIGN)) == ROUND4_KEY
     a = default_cfg().align
-    assert (a.n_harmful, a.contrastive, a.refusal_style, a.train.steps, a.lora.r) == (320, 132, "explain", 240, 32)
+    assert (a.n_harmful, a.contrastive, a.refusal_style, a.train.steps, a.lora.r) == (320, 132, "explain", 96, 32)
+    assert (a.benign_max_new_tokens, a.train.lr) == (40, 6e-4)
     assert (a.request_pairs, a.restyle) == (0, 0.5)
     harmful, benign = align.select_prompts(default_cfg())
     assert len(harmful) == 320 + 132 and 48 + 118 < len(benign) <= 48 + 118 + 132
@@ -291,7 +294,9 @@ def test_base_answers_are_generated_once_per_model_prompts_and_decoding(tmp_path
     c = C.load(overrides=[f"model.spec={model_dir}"])
     first = align.base_answers(c, None, None, ["a", "b"], progress=False)
     vaccine = dataclasses.replace(c, defense=C.build(C.DefenseConfig, {"name": "vaccine"}, "defense"))
-    assert align.base_answers(vaccine, None, None, ["a", "b"], progress=False) == first == ["a / 96", "b / 96"]
+    assert (
+        align.base_answers(vaccine, None, None, ["a", "b"], progress=False) == first == ["a / 40", "b / 40"]
+    )  # align.benign_max_new_tokens
     assert len(calls) == 1
     # anything the answers depend on makes new ones: the prompts, the decoding, the model's weights
     align.base_answers(c, None, None, ["a", "c"], progress=False)

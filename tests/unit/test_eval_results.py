@@ -242,7 +242,7 @@ def test_alignment_answers_take_the_eval_decoding_and_the_cache_key_follows_it()
         return C.load(overrides=["model.spec=/some/model/dir", *extra])
 
     s = align._benign_settings(cfg("eval.do_sample=true"))
-    assert (s.max_new_tokens, s.batch_size, s.do_sample) == (96, 16, True)
+    assert (s.max_new_tokens, s.batch_size, s.do_sample) == (C.AlignConfig().benign_max_new_tokens, 16, True)
     base = align.cache_key(cfg())
     assert align.cache_key(cfg("eval.seed=7", "eval.max_new_tokens=9")) == base  # greedy: same answers, same key
     assert align.cache_key(cfg("eval.do_sample=true")) != base
