@@ -44,7 +44,10 @@ def _domain(cfg: C.RunConfig) -> str:
 
 # What `safeft demo` runs when no --config is given; configs/demo.yaml holds the same (a test keeps them equal).
 DEMO_DEFAULTS: dict[str, Any] = {
-    "data": {"task": "domain:finance", "n_train": 600},
+    # 320 rows, one epoch of 40 steps: the grids' finance cell (configs/seeds_table_cpu.yaml), ~1.5 min less than
+    # 600 rows / 75 steps, and SFT still takes ASR from ~10 % to ~80 % (docs/results.md)
+    "data": {"task": "domain:finance", "n_train": 320},
+    "train": {"steps": 40},
     # 48 new tokens: refusal markers appear in the first sentence and finance answers are ~30 tokens.
     # ASR on HarmBench's held-out half: the other half chose the stage-1 recipe (safeft.data.sources.HARMBENCH_PARTS).
     # Batch 128: ~15 % faster than 64 on 2 cores (benchmarks/gen_batch.py); on CPU a batch size changes ~20 % of
