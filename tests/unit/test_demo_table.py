@@ -141,4 +141,3 @@ def test_the_base_model_is_evaluated_on_the_harmful_suite_unless_told_otherwise(
         base_suites(C.load(overrides=["eval.suites=[over_refusal]"]))
     with pytest.raises(ConfigError, match="demo.base_eval must be"):
         C.load(overrides=["demo.base_eval=some"])
-
