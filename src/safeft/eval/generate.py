@@ -92,10 +92,14 @@ class GenSettings:
 
     def identity(self, tok=None) -> dict:
         """The settings that decide the completions, for cache keys and settings hashes: ``record`` without
-        the batch size (scheduling), the derived fields, and the sampling knobs under greedy decoding (where
-        they change nothing), so settings that decode alike hash alike."""
+        the derived fields, the sampling knobs under greedy decoding (where they change nothing), and the batch
+        size where vLLM schedules its own batches, so settings that decode alike hash alike. On the hf backend
+        the batch size stays in: it decides the padded shapes, and on CPU that changed ~20 % of greedy
+        completions' text and rates by 1-2 points (``benchmarks/gen_batch.py``, docs/results.md round 5)."""
         rec = self.record(tok)
-        drop = {"batch_size", "dtype", "decoding"}
+        drop = {"dtype", "decoding"}
+        if self.backend != "hf":
+            drop.add("batch_size")
         if not self.do_sample:
             drop |= {"temperature", "top_p", "top_k", "seed"}
         return {k: v for k, v in rec.items() if k not in drop}

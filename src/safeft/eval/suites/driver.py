@@ -40,8 +40,9 @@ def parse_suites(names: Sequence[str], domains: Sequence[str] = ()) -> list[str]
 def settings_key(
     cfg: EvalConfig, settings: GenSettings, tok, limit: int | None, model_id: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """Everything that changes an evaluation's numbers; its hash names the evaluation's directory. The
-    batch size is left out (it schedules work; in bf16 it can move a greedy path by rounding only)."""
+    """Everything that changes an evaluation's numbers; its hash names the evaluation's directory. The hf
+    backend's batch size is in it (``GenSettings.identity``): another batch size is another evaluation, kept
+    beside the first instead of overwriting its records."""
     return {
         "model": model_id or {},
         "judge": cfg.judge,
