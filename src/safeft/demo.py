@@ -50,8 +50,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "train": {"steps": 40},
     # 48 new tokens: refusal markers appear in the first sentence and finance answers are ~30 tokens.
     # ASR on HarmBench's held-out half: the other half chose the stage-1 recipe (safeft.data.sources.HARMBENCH_PARTS).
-    # Batch 128: ~15 % faster than 64 on 2 cores (benchmarks/gen_batch.py); on CPU a batch size changes ~20 % of
-    # greedy completions' text (rounding moves near-ties), so numbers are comparable at one batch size only.
+    # Batch 128: ~15 % faster than 64 on 2 cores (benchmarks/gen_batch.py); on CPU it changes 21 % (aligned model)
+    # to 50 % (base model) of greedy completions' text (rounding moves near-ties): compare at one batch size only.
     "eval": {
         "max_new_tokens": 48,
         "batch_size": 128,

@@ -94,8 +94,8 @@ class GenSettings:
         """The settings that decide the completions, for cache keys and settings hashes: ``record`` without
         the derived fields, the sampling knobs under greedy decoding (where they change nothing), and the batch
         size where vLLM schedules its own batches, so settings that decode alike hash alike. On the hf backend
-        the batch size stays in: it decides the padded shapes, and on CPU that changed ~20 % of greedy
-        completions' text and rates by 1-2 points (``benchmarks/gen_batch.py``, docs/results.md round 5)."""
+        the batch size stays in: it decides the padded shapes, and on CPU 64 vs 128 changed 21-50 % of
+        greedy completions' text and rates by 1-2 points (``benchmarks/gen_batch.py``, docs/results.md round 5)."""
         rec = self.record(tok)
         drop = {"dtype", "decoding"}
         if self.backend != "hf":
