@@ -142,7 +142,8 @@ class AlignConfig:
     n_benign: int = 48  # benign prompts of our lists -> the base model's own answers (keeps it helpful)
     benign_mix: str = "sample"  # sample (seeded, from all benign prompts) | edgy_first (every edgy one first)
     # 40, not round 2's 96: the answers teach "answer, don't refuse", which their first sentences carry; rows of
-    # ~73 instead of ~93 tokens make a step ~40 % cheaper (round 5: the pick has the lowest dev over-refusal)
+    # ~73 instead of ~93 tokens make a step ~40 % cheaper. Round 5's pick at train seed 0; other seeds of it are
+    # worse on dev than round 2's recipe (docs/results.md): the price of a 10-minute demo
     benign_max_new_tokens: int = 40
     # share of harmful prompts wrapped in an instruction-style framing (align.py). The framings sit on refused
     # prompts only and became a refusal cue (70 % of benign dev probes refused inside one), yet without them
