@@ -187,6 +187,22 @@ def test_the_round2_grid_builds_every_setting(frontier):
     assert cells and all(configs[c.name].align.contrastive == 132 for c in cells)
 
 
+@pytest.mark.parametrize("grid", sorted(p.name for p in (ROOT / "benchmarks").glob("align_frontier*.yaml")))
+def test_every_shipped_frontier_grid_builds(frontier, grid):
+    cells, configs, _ = frontier.load_grid(ROOT / "benchmarks" / grid)
+    assert cells and len(configs) == len(cells)
+
+
+def test_round5_grids_spell_out_what_they_vary(frontier):
+    # round 5's rows name their lr: a grid that overrode one align.train key once trained at TrainConfig's lr
+    cells, configs, _ = frontier.load_grid(ROOT / "benchmarks" / "align_frontier_round5.yaml")
+    lrs = {c.name: configs[c.name].align.train.lr for c in cells}
+    assert sorted(set(lrs.values())) == [3e-4, 6e-4, 1e-3]
+    cells, configs, _ = frontier.load_grid(ROOT / "benchmarks" / "align_frontier_round5_seeds.yaml")
+    assert [configs[c.name].align.train.seed for c in cells] == [0, 1, 2]
+    assert {(configs[c.name].align.train.steps, configs[c.name].align.train.lr) for c in cells} == {(96, 6e-4)}
+
+
 def test_the_shipped_grid_builds_every_setting(frontier):
     cells, configs, out = frontier.load_grid(ROOT / "benchmarks" / "align_frontier.yaml")
     assert len(cells) == len(configs) >= 5 and out == Path("runs/align_frontier")
