@@ -292,6 +292,50 @@ def pick(rows: list[dict[str, Any]], max_asr: float, on: str = "asr") -> dict[st
     return min(ok, key=lambda r: (r[f"over_refusal/{r['judge']}"].value, r[f"{on}/{r['judge']}"].value))
 
 
+SEED_KEY = "align.train.seed"
+
+
+def pool_seeds(rows: list[dict[str, Any]], key: str = SEED_KEY) -> list[dict[str, Any]]:
+    """One row per setting whose rows differ only in ``key`` (a training seed): every rate pooled over the seeds'
+    completions (k and n summed), the seeds' own rates kept under ``per_seed``. Round 5 found that at ~1 epoch the
+    seed moves a rate more than the settings differ (docs/results.md), so a pick on one seed per setting picks a
+    seed as much as a recipe. The pooled Wilson interval counts completions, not seeds: it does not include the
+    seed-to-seed spread, which ``per_seed`` shows. Rows without the key pass through as they are."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        rest = {k: v for k, v in r["overrides"].items() if k != key}
+        groups.setdefault(json.dumps(rest, sort_keys=True), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1 and key not in group[0]["overrides"]:
+            out.append(group[0])
+            continue
+        first = group[0]
+        pooled: dict[str, Any] = {
+            "setting": "+".join(r["setting"] for r in group),
+            "overrides": {k: v for k, v in first["overrides"].items() if k != key},
+            "key": "+".join(r["key"] for r in group),
+            "align_s": sum(r["align_s"] for r in group),
+            "judge": first["judge"],
+            "seeds": [r["overrides"].get(key) for r in group],
+            "per_seed": {},
+        }
+        for col in (k for k in first if "/" in k):
+            pooled[col] = Rate(sum(r[col].k for r in group), sum(r[col].n for r in group))
+            pooled["per_seed"][col] = [r[col] for r in group]
+        out.append(pooled)
+    return out
+
+
+def _cell(r: dict[str, Any], col: str) -> str:
+    """A rate as printed; a pooled row adds each seed's value (the spread the pooled interval leaves out)."""
+    text = str(r[col])
+    per = r.get("per_seed", {}).get(col)
+    if per and any(x.n for x in per):
+        text += "; seeds " + " / ".join(f"{100 * x.value:.0f}" if x.n else "–" for x in per) + " %"
+    return text
+
+
 def markdown(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
     judge = rows[0]["judge"]
     second = SECOND_OPINION if judge != SECOND_OPINION else None
@@ -305,14 +349,16 @@ def markdown(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         label = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overrides"].items()) or "(base)"
+        if "seeds" in r:
+            label += f" × {len(r['seeds'])} seeds ({SEED_KEY}={','.join(map(str, r['seeds']))})"
         if chosen is r:
             label = f"**{label}** (pick)"
-        cells = [label, str(r[f"asr/{judge}"]), str(r[f"asr_no_advice/{judge}"]), str(r[f"asr_framed/{judge}"])]
-        cells += [str(r[f"over_refusal/{judge}"]), str(r[f"over_refusal_framed/{judge}"])]
-        cells += [str(r[f"asr_requests/{judge}"]), str(r[f"over_refusal_requests/{judge}"])]
-        cells += [str(r[f"asr_harmbench_dev/{judge}"])]
+        cols = [f"asr/{judge}", f"asr_no_advice/{judge}", f"asr_framed/{judge}", f"over_refusal/{judge}"]
+        cols += [f"over_refusal_framed/{judge}", f"asr_requests/{judge}", f"over_refusal_requests/{judge}"]
+        cols += [f"asr_harmbench_dev/{judge}"]
         if second:
-            cells += [str(r[f"asr/{second}"]), str(r[f"over_refusal/{second}"])]
+            cols += [f"asr/{second}", f"over_refusal/{second}"]
+        cells = [label, *(_cell(r, c) for c in cols)]
         cells += ["yes" if r["frontier"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -322,12 +368,13 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     buf = textio.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     rate_cols = sorted(k for k in rows[0] if "/" in k)
-    head = ["setting", "overrides", "aligned_key", "frontier"]
+    head = ["setting", "overrides", "aligned_key", "seeds", "frontier"]
     for k in rate_cols:
         head += [k, f"{k}_ci_low", f"{k}_ci_high", f"{k}_n"]
     w.writerow(head)
     for r in rows:
-        line = [r["setting"], json.dumps(r["overrides"]), r["key"], int(r["frontier"])]
+        seeds = json.dumps(r["seeds"]) if "seeds" in r else ""
+        line = [r["setting"], json.dumps(r["overrides"]), r["key"], seeds, int(r["frontier"])]
         for k in rate_cols:
             rate: Rate = r[k]
             low, high = rate.ci
@@ -343,8 +390,11 @@ def run(
     progress: bool = False,
     on: str = "asr",
     columns: tuple[str, ...] = COLUMN_GROUPS,
+    pool: bool = False,
 ):
-    """Align and evaluate every setting; write frontier.md / frontier.csv; return (rows, pick, out)."""
+    """Align and evaluate every setting; write frontier.md / frontier.csv; return (rows, pick, out). ``pool``:
+    settings that differ only in ``align.train.seed`` become one row (:func:`pool_seeds`) before the frontier
+    and the pick."""
     cells, configs, out = load_grid(grid, out_dir)
     rows = []
     for i, cell in enumerate(cells, 1):
@@ -353,6 +403,8 @@ def run(
     deciders = {r["judge"] for r in rows}
     if len(deciders) > 1:  # one table, one decider: settings judged differently are not comparable
         raise C.ConfigError(f"{grid}: the settings use different eval.judge values {sorted(deciders)}")
+    if pool:
+        rows = pool_seeds(rows)
     mark_frontier(rows, on)
     chosen = pick(rows, max_asr, on)
     io.write_text(out / "frontier.md", markdown(rows, chosen))
@@ -380,13 +432,21 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated column groups measured beside Do-Not-Answer dev and the dev probes (default: all of"
         f" {','.join(COLUMN_GROUPS)}); a group left out shows n=0",
     )
+    p.add_argument(
+        "--pool-seeds",
+        action="store_true",
+        help=f"one row per setting over its {SEED_KEY} values (rates pooled over the seeds' completions, each"
+        " seed's value shown), so the frontier and the pick compare recipes, not seeds",
+    )
     args = p.parse_args(argv)
     columns = tuple(c for c in args.columns.split(",") if c)
     if unknown := [c for c in columns if c not in COLUMN_GROUPS]:
         p.error(f"--columns: unknown group(s) {unknown}; known: {list(COLUMN_GROUPS)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        rows, chosen, out = run(args.grid, args.out, args.max_asr, args.progress, args.pick_on, columns)
+        rows, chosen, out = run(
+            args.grid, args.out, args.max_asr, args.progress, args.pick_on, columns, args.pool_seeds
+        )
     except (C.ConfigError, LeakageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

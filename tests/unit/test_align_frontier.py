@@ -169,6 +169,39 @@ def test_mark_frontier_and_pick_by_the_dev_rule(frontier):
     assert [r["frontier"] for r in rows if r["setting"] != "b"] == [False, True, True]  # c beats a on both
 
 
+def test_pooling_seeds_compares_recipes_not_seeds(frontier):
+    def row(name, overrides, asr, over):
+        r = _row(name, asr, over)
+        r.update(overrides=overrides, key=name, align_s=1.0)
+        for col in ("over_refusal_framed", "asr_requests", "over_refusal_requests", "asr_harmbench_dev"):
+            r[f"{col}/j"] = Rate(0, 0)  # columns not measured, as evaluate_setting leaves them
+        r["asr/refusal_keywords"], r["over_refusal/refusal_keywords"] = r["asr/j"], r["over_refusal/j"]
+        return r
+
+    seed = frontier.SEED_KEY
+    rows = [
+        row("a0", {"steps": 96, seed: 0}, 0.02, 0.15),  # a lucky seed of recipe a ...
+        row("a1", {"steps": 96, seed: 1}, 0.20, 0.33),
+        row("a2", {"steps": 96, seed: 2}, 0.19, 0.32),
+        row("b0", {"steps": 240, seed: 0}, 0.05, 0.25),
+        row("b1", {"steps": 240, seed: 1}, 0.03, 0.19),
+        row("c", {"steps": 48}, 0.50, 0.10),  # no seed key: passes through
+    ]
+    # ... wins on one seed per setting
+    assert frontier.pick(rows, 0.05)["setting"] == "a0"
+    pooled = frontier.pool_seeds(rows)
+    assert [r["overrides"] for r in pooled] == [{"steps": 96}, {"steps": 240}, {"steps": 48}]
+    a, b, c = pooled
+    assert a["asr/j"] == Rate(2 + 20 + 19, 300) and b["asr/j"] == Rate(8, 200) and c is rows[-1]
+    assert a["seeds"] == [0, 1, 2] and a["per_seed"]["asr/j"] == [Rate(2, 100), Rate(20, 100), Rate(19, 100)]
+    assert frontier.pick(pooled, 0.05)["overrides"] == {"steps": 240}  # the recipe, over its seeds
+    frontier.mark_frontier(pooled)
+    md = frontier.markdown(pooled, None)
+    assert "× 3 seeds (align.train.seed=0,1,2)" in md and "; seeds 2 / 20 / 19 %" in md
+    text = frontier.csv_text(pooled)
+    assert '"[0, 1, 2]"' in text.splitlines()[1]
+
+
 def test_dev_framings_are_held_out_from_the_training_framings(frontier):
     from safeft.align import REQUEST_STYLES
 
