@@ -134,16 +134,21 @@ def assert_dev_probes(probes: list[Example]) -> None:
     assert_no_leakage(test, dev_probes=probes)
 
 
-def dev_sets(cfg: C.RunConfig) -> tuple[list[Example], list[Example]]:
-    """The Do-Not-Answer dev prompts and the dev over-refusal probes this setting is measured on, checked."""
+def trained_prompts(cfg: C.RunConfig) -> list[Example]:
+    """Every prompt this setting's stage 1 trains on (``select_prompts``), for the leakage checks of the dev sets."""
+    train_harmful, benign = select_prompts(cfg)
+    return train_harmful + [Example(f"benign-{i}", p) for i, p in enumerate(benign)]
+
+
+def dev_sets(cfg: C.RunConfig, train: list[Example]) -> tuple[list[Example], list[Example]]:
+    """The Do-Not-Answer dev prompts and the dev over-refusal probes this setting is measured on, checked against
+    ``train`` (:func:`trained_prompts`)."""
     splits = safety_splits(seed=cfg.align.seed)
     dev_harmful = subset(splits.dev, cfg.eval.n_harmful, cfg.eval.seed)
     assert_no_leakage(splits.test, dev_harmful=dev_harmful)  # HarmBench is the test set
     probes = subset(over_refusal_probes("dev"), cfg.eval.n_over_refusal, cfg.eval.seed)
     assert_dev_probes(probes)
     # Dev numbers are only honest if the setting did not train on them (select_prompts checks the probes too).
-    train_harmful, benign = select_prompts(cfg)
-    train = train_harmful + [Example(f"benign-{i}", p) for i, p in enumerate(benign)]
     assert_no_leakage(dev_harmful, alignment=train)
     assert_no_leakage(probes, alignment=train)
     return dev_harmful, probes
@@ -157,9 +162,9 @@ def _rates(recs: list[dict[str, Any]], judge: str, key: str) -> Rate:
     return Rate.of(m[key], m["n"]) if m.get(key) is not None else Rate(0, 0)
 
 
-def harmbench_dev(cfg: C.RunConfig) -> list[Example]:
-    """HarmBench's dev half (``eval.n_harmful`` of it), checked: never its held-out half, never in this setting's
-    alignment data."""
+def harmbench_dev(cfg: C.RunConfig, train: list[Example]) -> list[Example]:
+    """HarmBench's dev half (``eval.n_harmful`` of it), checked: never its held-out half, never in ``train``
+    (:func:`trained_prompts`)."""
     from safeft.data.sources import load_source
 
     dev, held = (
@@ -168,8 +173,7 @@ def harmbench_dev(cfg: C.RunConfig) -> list[Example]:
     )
     if {e.id for e in dev} & {e.id for e in held}:
         raise LeakageError("harmbench:dev overlaps harmbench:heldout, the demo's test half")
-    train_harmful, benign = select_prompts(cfg)
-    assert_no_leakage(dev, alignment=train_harmful + [Example(f"benign-{i}", p) for i, p in enumerate(benign)])
+    assert_no_leakage(dev, alignment=train)
     return dev
 
 
@@ -179,7 +183,8 @@ def evaluate_setting(
     """Align (cached), evaluate on the dev sets, return the setting's row (rates as :class:`Rate`).
     ``columns``: the column groups (``COLUMN_GROUPS``) measured beside the two always measured."""
     cell_dir = out / "cells" / cell.name
-    dev_harmful, probes = dev_sets(cfg)
+    train = trained_prompts(cfg)  # once: select_prompts reads the benchmark data and our alignment texts
+    dev_harmful, probes = dev_sets(cfg, train)
     settings = GenSettings.from_eval(cfg.eval, system_prompt=cfg.model.system_prompt)
     judge = cfg.eval.judge  # the spec; its verdicts are stored under judges.name_of(spec)
     ident = {
@@ -225,7 +230,7 @@ def evaluate_setting(
             ),
         ]
     if "harmbench" in columns:
-        hb = harmbench_dev(cfg)
+        hb = harmbench_dev(cfg, train)
         extra_suites.append((HB_DEV, "dev_harmbench.json", hb, harmful, {"items": [[e.id, e.prompt] for e in hb]}))
     loaded = None
     for suite, marker, items, fn, depends in extra_suites:
