@@ -131,7 +131,7 @@ def base_suites(cfg: C.RunConfig) -> C.RunConfig:
     """``cfg`` with the eval suites ``demo.base_eval`` runs on the base model (all, or the harmful ones only)."""
     if cfg.demo.base_eval == "all":
         return cfg
-    suites = [s for s in cfg.eval.suites if s.split(":")[0] == "harmful"]
+    suites = [s for s in cfg.eval.suites if _of_kind(s, "harmful")]
     if not suites:
         raise C.ConfigError(f"demo.base_eval=harmful, but eval.suites {cfg.eval.suites} has no harmful suite")
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, suites=suites))
@@ -182,10 +182,15 @@ def table_cells(summary: dict[str, Any], domain: str, judged_by: list[str]) -> d
     return out
 
 
+def _of_kind(suite: str, kind: str) -> bool:
+    """``harmful`` and ``harmful:<source>`` are suites of kind ``harmful``."""
+    return suite.split(":", 1)[0] == kind
+
+
 def _suite_of(summary: dict[str, Any], kind: str) -> str | None:
     """The one suite of ``kind`` in ``summary`` (``harmful`` or ``harmful:<source>``); two would make the table's
     column ambiguous, so that raises."""
-    found = [k for k in summary if k == kind or k.startswith(f"{kind}:")]
+    found = [k for k in summary if _of_kind(k, kind)]
     if len(found) > 1:
         raise C.ConfigError(f"the demo's table has one {kind} column, but eval.suites runs {found}")
     return found[0] if found else None
@@ -193,7 +198,7 @@ def _suite_of(summary: dict[str, Any], kind: str) -> str | None:
 
 def _harmful_text(ev: C.EvalConfig) -> str:
     """What the ASR column was measured on, in words, from the harmful suite in ``eval.suites``."""
-    name = next((s for s in ev.suites if s == "harmful" or s.startswith("harmful:")), "harmful")
+    name = next((s for s in ev.suites if _of_kind(s, "harmful")), "harmful")
     if name == "harmful":
         return "HarmBench test prompts (a fixed seeded subset)"
     if name == "harmful:harmbench:heldout":
