@@ -99,7 +99,9 @@ def test_retry_after_from_the_server_is_honoured(server):
     server.fail_first, server.statuses, server.retry_after_ms = 3, [429], "20"
     t0 = time.monotonic()
     assert ChatEndpoint("sr", server.url, "m", max_retries=3, concurrency=1).ask_all([conv("hi")]) == [ANSWER]
-    assert len(server.times) == 4 and time.monotonic() - t0 < 0.5  # 3 x 20 ms, not 0.5 + 1 + 2 s
+    # 3 x 20 ms, not the SDK's own backoff (at least 0.375 + 0.75 + 1.5 s after jitter); the bound leaves
+    # room for a loaded CI machine, where a timing bound this test once held at 0.5 s is a flake waiting.
+    assert len(server.times) == 4 and time.monotonic() - t0 < 2.0
 
 
 def test_concurrency_is_bounded(server):
@@ -123,7 +125,28 @@ def test_bad_key_stops_at_once(server, monkeypatch):
     server.fail_first, server.statuses = 10**6, [401]
     with pytest.raises(JudgeError, match=r"HTTP 401 \(is \$OPENAI_API_KEY set\?\)"):
         ChatEndpoint("sr", server.url, "m", concurrency=2).ask_all([conv(f"q{i}") for i in range(20)])
-    assert len(server.times) <= 4  # 401 is not retried, and the other items never go out
+    # 401 is not retried, and no item goes out after the first 401: at most the two already in flight.
+    # (It was <= 4 and failed in CI with 5: free workers kept picking up items until shutdown().)
+    assert len(server.times) <= 2
+
+
+def test_a_bad_key_is_reported_whatever_order_the_futures_finish_in(server, monkeypatch):
+    """The items a stopping pass never sent must not count as a failed first wave: CI once saw the "endpoint
+    down" error in place of the 401 when those finished futures came round before the one holding the 401."""
+    from concurrent.futures import wait
+
+    from safeft.eval import endpoint
+
+    def errors_last(futures):
+        wait(futures)
+        return sorted(futures, key=lambda f: f.exception() is not None)
+
+    monkeypatch.setattr(endpoint, "as_completed", errors_last)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server.fail_first, server.statuses = 10**6, [401]
+    with pytest.raises(JudgeError, match=r"HTTP 401 \(is \$OPENAI_API_KEY set\?\)"):
+        ChatEndpoint("sr", server.url, "m", concurrency=2).ask_all([conv(f"q{i}") for i in range(20)])
+    assert len(server.times) <= 2
 
 
 def test_a_down_endpoint_stops_after_the_first_wave(server):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ class Failure:
     """An item the endpoint did not answer, after retries; ``error`` says what happened."""
 
     error: str
+
+
+# What a worker returns for an item it did not send because the pass is stopping (ask_all raises instead).
+_NOT_SENT = Failure("not sent: the pass stopped on an earlier error")
 
 
 @dataclass
@@ -83,11 +88,19 @@ class ChatEndpoint:
         client = self.client()
         answers: list[str | Failure | None] = [None] * n
         ok = failed = 0
+        # Set once the pass must stop. A worker checks it before each request: cancel_futures only cancels
+        # what no worker has picked up yet, and a free worker picks up the next item while this thread is
+        # still on its way from the error to shutdown(), so without it a bad key sent a few more requests.
+        stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, n))
         try:
-            futures = {pool.submit(self._ask, client, conv): i for i, conv in enumerate(conversations)}
+            futures = {pool.submit(self._ask, client, conv, stop): i for i, conv in enumerate(conversations)}
             for fut in as_completed(futures):
                 answer = answers[futures[fut]] = fut.result()  # a JudgeError (bad key, URL) propagates
+                if answer is _NOT_SENT:
+                    # the pass is stopping on an error another future holds; counting these as failures would
+                    # raise the "endpoint down" error in its place before that future comes round
+                    continue
                 if isinstance(answer, Failure):
                     failed += 1
                 else:
@@ -95,28 +108,34 @@ class ChatEndpoint:
                 # A first wave that all failed means the endpoint is down, not one unlucky item: stop
                 # before every remaining item spends its own round of retries.
                 if not ok and failed >= min(self.concurrency, n):
+                    stop.set()
                     raise _error(
                         f"judge {self.judge!r}: the first {failed} requests to {self.url} all failed "
                         f"(e.g. {answer.error}); provide a running endpoint="
                     )
         finally:
+            stop.set()  # whatever ends the loop early (an error here or in a worker), nothing more goes out
             pool.shutdown(wait=True, cancel_futures=True)
         if failed:
             log.warning("judge %s: %d of %d requests failed after retries", self.judge, failed, n)
         return answers  # type: ignore[return-value]  # every slot is filled once the loop completes
 
-    def _ask(self, client, messages: list[dict]) -> str | Failure:
+    def _ask(self, client, messages: list[dict], stop: threading.Event) -> str | Failure:
         import openai
 
+        if stop.is_set():
+            return _NOT_SENT
         try:
             resp = client.chat.completions.create(
                 model=self.model, messages=messages, temperature=0, max_tokens=self.max_tokens
             )
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            stop.set()
             raise _error(
                 f"judge {self.judge!r}: {self.url} answered HTTP {e.status_code} (is ${self.api_key_env} set?)"
             ) from None
         except openai.NotFoundError as e:
+            stop.set()
             raise _error(
                 f"judge {self.judge!r}: {self.url} answered HTTP 404 ({_brief(e)}); check endpoint= and "
                 f"api_model={self.model}"
