@@ -53,6 +53,22 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
     assert len(set(batched)) > 1  # a random model still gives prompt-dependent text
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_frozen_weights_decode_alike_and_stay_frozen(tiny, precision):
+    """generate flags frozen weights for speed (a PEFT model's base): the completions are those of the model
+    as given, and every flag is back afterwards, so an optimizer or a defense never sees a changed model."""
+    model, tok = tiny
+    prompts = ["hi", "What is 12 percent of 250?", "How do I kill a Python process?"]
+    s = GenSettings(max_new_tokens=8, batch_size=3, precision=precision)
+    flagged = generate(model, tok, prompts, s, progress=False)
+    head = next(iter(model.parameters()))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head.requires_grad_(True)  # one trainable tensor among frozen ones, as under LoRA
+    assert generate(model, tok, prompts, s, progress=False) == flagged
+    assert head.requires_grad and not any(p.requires_grad for p in list(model.parameters())[1:])
+
+
 def test_subset_is_fixed_and_seeded():
     items = [Example(f"x{i:03d}", f"p{i}") for i in range(50)]
     a, b = subset(items, 10, 0), subset(list(reversed(items)), 10, 0)
