@@ -69,6 +69,26 @@ def test_frozen_weights_decode_alike_and_stay_frozen(tiny, precision):
     assert head.requires_grad and not any(p.requires_grad for p in list(model.parameters())[1:])
 
 
+def test_batches_cap_padding_for_long_prompts_only():
+    from safeft.eval.generate import PADDED_TOKENS_PER_ROW, _batches
+
+    def runs(lengths, bs):
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        out = list(_batches(order, lengths, bs))
+        assert [i for b in out for i in b] == order  # every prompt once, in length order
+        return out
+
+    short = [(i * 37) % 72 + 1 for i in range(300)]  # the shipped suites' prompts are at most 72 tokens
+    for bs in (64, 128):
+        order = sorted(range(300), key=lambda i: short[i])
+        assert runs(short, bs) == [order[i : i + bs] for i in range(0, 300, bs)]  # the uncapped batches
+    long = [400] * 50 + [1025] * 3
+    got = runs(long, 128)
+    assert all(len(b) * max(long[i] for i in b) <= 128 * PADDED_TOKENS_PER_ROW for b in got)
+    assert [len(b) for b in got] == [40, 13]  # 40 x 400 and 13 x 1025 tokens fit 16384
+    assert [len(b) for b in runs([5000, 6000], 2)] == [1, 1]  # a prompt over the budget still gets a batch
+
+
 def test_subset_is_fixed_and_seeded():
     items = [Example(f"x{i:03d}", f"p{i}") for i in range(50)]
     a, b = subset(items, 10, 0), subset(list(reversed(items)), 10, 0)
