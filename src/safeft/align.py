@@ -41,6 +41,7 @@ from safeft.data.pairs import (
     side_examples,
 )
 from safeft.data.probes import over_refusal_probes
+from safeft.data.sources import harmbench_contextual_if_installed
 from safeft.data.splits import LeakageError, assert_no_leakage, assert_probes_held_out, safety_splits
 from safeft.data.types import Example, normalise_prompt
 from safeft.eval.generate import GenSettings, generate
@@ -243,7 +244,8 @@ def alignment_examples(cfg: C.RunConfig, base_model, tok, progress: bool = True)
         if a.strip()
     ]
     rows = harmful + benign
-    assert_no_leakage(safety_splits(seed=ac.seed).test, alignment=rows)
+    # every HarmBench behaviour an ASR may be measured on: the 200 standard ones and the contextual ones
+    assert_no_leakage(safety_splits(seed=ac.seed).test + harmbench_contextual_if_installed(), alignment=rows)
     assert_probes_held_out(alignment=rows)
     return rows
 

