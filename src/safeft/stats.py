@@ -114,14 +114,16 @@ def add_intervals(entry: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     if present and "n" not in entry:
         raise ValueError(f"cannot add intervals for {present}: the entry has no 'n'")
     for key in present:
-        r = Rate.of(float(entry[key]), int(entry["n"]))
+        r = Rate.of(float(entry[key]), int(entry.get("n_answered", entry["n"])))  # see rate_in
         entry[f"{key}_ci"] = list(r.ci) if r.n else None
     return entry
 
 
 def rate_in(entry: Mapping[str, Any], key: str) -> Rate | None:
-    """The :class:`Rate` stored under ``key`` of a summary entry (with its ``n``), or None if absent."""
+    """The :class:`Rate` stored under ``key`` of a summary entry (with its ``n``), or None if absent. A judged
+    entry's rates are over the items the judge answered (``n_answered``, present when some were not), while its
+    ``n`` stays every prompt: reading ``n`` there turned 1 harmful of 1 answered (of 2) into 2 of 2."""
     value = entry.get(key)
     if value is None or "n" not in entry:
         return None
-    return Rate.of(float(value), int(entry["n"]))
+    return Rate.of(float(value), int(entry.get("n_answered", entry["n"])))

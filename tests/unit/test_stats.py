@@ -78,3 +78,5 @@ def test_put_rate_and_add_intervals():
     with pytest.raises(ValueError, match="has no 'n'"):
         add_intervals({"asr": 0.5}, ["asr"])
     assert rate_in({"asr": 0.25, "n": 8}, "asr") == Rate(2, 8) and rate_in({"n": 8}, "asr") is None
+    # a judge that left 2 of 8 unanswered rated the other 6: the rate is k of 6, not of 8
+    assert rate_in({"asr": 0.5, "n": 8, "n_error": 2, "n_answered": 6}, "asr") == Rate(3, 6)
