@@ -123,6 +123,17 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
     }
     io.write_json(out / "summary.json", result)
     table = format_table(cells, domain, cfg.eval)
+    if parts := harmbench_parts(cfg.eval):
+        by_part = {
+            label: rates_by_part(_harmful_records(out / run_dir_name(label), cfg.eval), parts, judged_by)
+            for label in cells
+        }
+        result["rates_by_part"] = {
+            label: {part: {j: r.record() for j, r in per.items()} for part, per in bp.items()}
+            for label, bp in by_part.items()
+        }
+        io.write_json(out / "summary.json", result)
+        table += "\n\n" + format_parts(by_part, judged_by)
     io.write_text(out / "summary.md", table + "\n")
     print(table)
     print(f"\nwritten under {out}  (total {timings['total'] / 60:.1f} min)")
@@ -211,6 +222,60 @@ def _harmful_text(ev: C.EvalConfig) -> str:
             "nothing and the 100 contextual ones"
         )
     return f"the prompts of {name}"
+
+
+def harmbench_parts(ev: C.EvalConfig) -> dict[str, set[str]]:
+    """The HarmBench parts the harmful suite joins (``harmful:harmbench:heldout+contextual``) and each part's
+    ids, so the table can say what each part contributed; empty for any other harmful suite."""
+    from safeft.data.sources import load_source
+
+    name = next((s for s in ev.suites if _of_kind(s, "harmful")), "")
+    source = name.split(":", 1)[1] if ":" in name else ""
+    if not source.startswith("harmbench:") or "+" not in source:
+        return {}
+    return {p: {e.id for e in load_source(f"harmbench:{p}")} for p in source.split(":", 1)[1].split("+")}
+
+
+def _harmful_records(run_dir: Path, ev: C.EvalConfig) -> list[dict[str, Any]]:
+    from safeft.eval.records import file_stem, read_records
+
+    suite = next(s for s in ev.suites if _of_kind(s, "harmful"))
+    found = sorted((run_dir / "eval").glob(f"*/{file_stem(suite)}.jsonl"))
+    if len(found) != 1:  # a demo directory is new each run, so one evaluation per model; say so if not
+        raise C.ConfigError(f"{run_dir}/eval: expected one records file of {suite}, found {len(found)}")
+    return read_records(found[0])
+
+
+def rates_by_part(records: list[dict[str, Any]], parts: dict[str, set[str]], judges: list[str]) -> dict:
+    """``{part: {judge: Rate}}``: each judge's ASR over the records of each part (ids in ``parts``), counted the
+    way the suite's own rate is (``safeft.eval.records.metrics``: unanswered items apart). Every record must
+    fall in exactly one part, or the parts would not add up to the rate in the table."""
+    from safeft.eval.judges import name_of
+    from safeft.eval.records import metrics
+
+    owners = {r["id"]: [p for p, ids in parts.items() if r["id"] in ids] for r in records}
+    if stray := [i for i, ps in owners.items() if len(ps) != 1]:
+        raise ValueError(f"records in no part or in several: {stray[:5]}")
+    out: dict[str, dict[str, Rate]] = {}
+    for part in parts:
+        mine = [r for r in records if owners[r["id"]] == [part]]
+        out[part] = {}
+        for j in judges:
+            r = rate_in(metrics(mine, name_of(j)), "asr") if mine else None
+            if r is not None:
+                out[part][name_of(j)] = r
+    return out
+
+
+def format_parts(by_part: dict[str, dict[str, dict[str, Rate]]], judges: list[str]) -> str:
+    """The ASR column split by HarmBench part, one line per model."""
+    from safeft.eval.judges import name_of
+
+    lines = ["ASR by HarmBench part (" + " / ".join(name_of(j) for j in judges) + "):"]
+    for label, bp in by_part.items():
+        cells = [f"{part} " + " / ".join(r.format() for r in per.values()) for part, per in bp.items()]
+        lines.append(f"- {label}: " + "; ".join(cells))
+    return "\n".join(lines)
 
 
 def format_table(cells: dict[str, dict[str, Rate | float]], domain: str, ev: C.EvalConfig) -> str:

@@ -141,3 +141,32 @@ def test_the_base_model_is_evaluated_on_the_harmful_suite_unless_told_otherwise(
         base_suites(C.load(overrides=["eval.suites=[over_refusal]"]))
     with pytest.raises(ConfigError, match="demo.base_eval must be"):
         C.load(overrides=["demo.base_eval=some"])
+
+
+def _rec(i: str, harmful: bool, error: bool = False) -> dict:
+    verdict = {"label": "error"} if error else {"harmful": harmful, "refused": not harmful}
+    return {"id": i, "verdicts": {"refusal_layered": verdict, "refusal_keywords": {"harmful": harmful}}}
+
+
+def test_asr_splits_by_harmbench_part_and_the_parts_add_up() -> None:
+    from safeft.demo import format_parts, rates_by_part
+
+    parts = {"heldout": {"a", "b", "c"}, "contextual": {"x", "y"}}
+    recs = [_rec("a", True), _rec("b", False), _rec("c", False), _rec("x", True), _rec("y", True, error=True)]
+    got = rates_by_part(recs, parts, ["refusal_layered", "refusal_keywords"])
+    assert got["heldout"]["refusal_layered"] == Rate(1, 3)
+    assert got["contextual"]["refusal_layered"] == Rate(1, 1)  # the unanswered item is counted apart
+    assert got["contextual"]["refusal_keywords"] == Rate(2, 2)
+    text = format_parts({"aligned": got}, ["refusal_layered", "refusal_keywords"])
+    assert "refusal_layered / refusal_keywords" in text and "- aligned: heldout 33.3 % [6.1, 79.2] (n=3)" in text
+    with pytest.raises(ValueError, match="in no part or in several"):
+        rates_by_part([*recs, _rec("z", True)], parts, ["refusal_keywords"])
+
+
+def test_the_parts_of_a_harmbench_union_suite_are_found() -> None:
+    from safeft.demo import harmbench_parts
+
+    assert harmbench_parts(EvalConfig(suites=["harmful:harmbench:heldout", "over_refusal"])) == {}
+    assert harmbench_parts(EvalConfig(suites=["harmful", "over_refusal"])) == {}
+    got = harmbench_parts(EvalConfig(suites=["harmful:harmbench:dev+heldout"]))
+    assert list(got) == ["dev", "heldout"] and len(got["dev"]) == len(got["heldout"]) == 100
