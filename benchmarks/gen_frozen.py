@@ -1,11 +1,13 @@
 """Generation time with frozen weights (a fine-tuned LoRA model's base, as train() returns it) with and without
-generate's flagging of them, side by side in one process, and whether the completions agree.
+generate's flagging of them, and of a LoRA model with and without its merge in the bf16 copy, side by side in one
+process, and whether the completions agree.
 
     .venv/bin/python benchmarks/gen_frozen.py [MODEL] [--reps 2]
 
-Greedy, 48 new tokens, batch 128, on HarmBench's dev half (never the held-out half). Three models per rep: the
-model as loaded (weights flagged, the fast case), the same weights frozen with generate's flagging off (the
-code before it), and frozen with it on (today's).
+Greedy, 48 new tokens, batch 128, on HarmBench's dev half (never the held-out half). Per rep: the model as loaded
+(weights flagged, the fast case), the same weights frozen with generate's flagging off (the code before it) and
+on (today's); then the model under a fresh r=32 LoRA adapter (train()'s kind of model; B = 0, so its completions
+are the model's) decoded with the adapter's own products (the code before) and merged (today's).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import time
 
 from safeft import models
+from safeft.config import LoraConfig
 from safeft.data.sources import load_source
 from safeft.eval import generate as G
 
@@ -38,8 +41,20 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             G.FLAG_FROZEN_WEIGHTS = True
 
+    lora = None
+
+    def timed_lora(merge: bool) -> tuple[float, list[str]]:
+        G.MERGE_LORA = merge
+        try:
+            t = time.perf_counter()
+            texts = G.generate(lora, tok, prompts, settings, progress=False)
+            return time.perf_counter() - t, texts
+        finally:
+            G.MERGE_LORA = True
+
     cases = {"weights flagged": (False, True), "frozen, not flagged": (True, False), "frozen, flagged": (True, True)}
-    secs: dict[str, list[float]] = {k: [] for k in cases}
+    lora_cases = {"LoRA, adapter products": False, "LoRA, merged": True}
+    secs: dict[str, list[float]] = {k: [] for k in (*cases, *lora_cases)}
     texts: dict[str, list[str]] = {}
     for rep in range(args.reps):
         for label, (frozen, flag) in cases.items():
@@ -47,8 +62,16 @@ def main(argv: list[str] | None = None) -> None:
             secs[label].append(dt)
             texts.setdefault(label, out)
             print(f"rep {rep} {label}: {dt:.1f} s for {len(prompts)} prompts", flush=True)
+    # PEFT injects its layers into ``model`` itself, so the adapter goes on only after the plain cases ran
+    lora = models.attach_lora(model, LoraConfig(r=32, alpha=64))
+    for rep in range(args.reps):
+        for label, merge in lora_cases.items():
+            dt, out = timed_lora(merge)
+            secs[label].append(dt)
+            texts.setdefault(label, out)
+            print(f"rep {rep} {label}: {dt:.1f} s for {len(prompts)} prompts", flush=True)
     ref = min(secs["weights flagged"])
-    for label in cases:
+    for label in secs:
         same = sum(a == b for a, b in zip(texts["weights flagged"], texts[label], strict=True))
         print(f"{label}: best {min(secs[label]):.1f} s = {min(secs[label]) / ref:.2f}x; {same}/{len(prompts)} equal")
 

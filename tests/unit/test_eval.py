@@ -118,3 +118,25 @@ def test_evaluate_runs_every_suite(tiny, tmp_path):
     for f in ("harmful.jsonl", "over_refusal.jsonl", "utility_finance.jsonl", "summary.json"):
         assert (ev / f).exists(), f
     assert json.loads((tmp_path / "eval" / "summary.json").read_text()).keys() == summary.keys()
+
+
+def test_a_lora_model_from_train_decodes_like_its_run_reloaded(tmp_path, tiny_dir):
+    """generate merges a LoRA model in its bf16 copy the way models.load merges a saved adapter, so the demo's
+    in-process evaluation of a fine-tuned model equals `safeft eval runs/<id>`; the trained model is untouched."""
+    from safeft import models
+    from safeft.testing import tiny_run_config
+    from safeft.train import train
+
+    cfg = tiny_run_config(
+        tmp_path / "runs", f"model.spec={tiny_dir}", "train.steps=3", "data.n_train=8", "train.lr=0.05"
+    )
+    res = train(cfg, progress=False)
+    assert models.is_lora(res.model)
+    before = {k: v.clone() for k, v in res.model.state_dict().items()}
+    prompts = [f"prompt number {i} about finance" for i in range(12)]
+    s = GenSettings(max_new_tokens=8, batch_size=12, precision="bf16")
+    in_process = generate(res.model, res.tokenizer, prompts, s, progress=False)
+    reloaded, tok = models.load(str(res.run_dir))
+    assert in_process == generate(reloaded, tok, prompts, s, progress=False)
+    assert models.is_lora(res.model)
+    assert all(v.equal(res.model.state_dict()[k]) for k, v in before.items())
