@@ -49,15 +49,14 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "data": {"task": "domain:finance", "n_train": 320},
     "train": {"steps": 40},
     # 48 new tokens: refusal markers appear in the first sentence and finance answers are ~30 tokens.
-    # ASR on HarmBench's held-out behaviours: the standard half nothing chose (the other half chose the stage-1
-    # recipe) and the 100 contextual ones (safeft.data.sources.HARMBENCH_PARTS; docs/results.md, stop 26).
+    # ASR on HarmBench's held-out half: the other half chose the stage-1 recipe (safeft.data.sources.HARMBENCH_PARTS).
+    # Its 100 contextual behaviours too (configs/demo_contextual.yaml) add ~2.5 min: past the 10-minute budget.
     # Batch 128: ~15 % faster than 64 on 2 cores (benchmarks/gen_batch.py); on CPU it changes 21 % (aligned model)
     # to 50 % (base model) of greedy completions' text (rounding moves near-ties): compare at one batch size only.
     "eval": {
         "max_new_tokens": 48,
         "batch_size": 128,
-        "suites": ["harmful:harmbench:heldout+contextual", "over_refusal", "utility"],
-        "n_harmful": None,  # all 200 of them, not a seeded 100 drawn across the two parts
+        "suites": ["harmful:harmbench:heldout", "over_refusal", "utility"],
     },
     "demo": {"methods": ["sft"]},
 }

@@ -135,7 +135,7 @@ def test_the_base_model_is_evaluated_on_the_harmful_suite_unless_told_otherwise(
     from safeft.demo import DEMO_DEFAULTS, base_suites
 
     cfg = C.load(overrides=[f"eval.suites={DEMO_DEFAULTS['eval']['suites']}"])
-    assert base_suites(cfg).eval.suites == ["harmful:harmbench:heldout+contextual"]
+    assert base_suites(cfg).eval.suites == ["harmful:harmbench:heldout"]
     assert base_suites(C.load(overrides=["demo.base_eval=all"])).eval.suites == C.EvalConfig().suites
     with pytest.raises(ConfigError, match="no harmful suite"):
         base_suites(C.load(overrides=["eval.suites=[over_refusal]"]))
