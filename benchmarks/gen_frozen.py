@@ -30,46 +30,35 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [e.prompt for e in load_source("harmbench:dev")]
     settings = G.GenSettings(48, 128)
 
-    def timed(frozen: bool, flag: bool) -> tuple[float, list[str]]:
-        for w in model.parameters():
-            w.requires_grad_(not frozen)
-        G.FLAG_FROZEN_WEIGHTS = flag
-        try:
-            t = time.perf_counter()
-            texts = G.generate(model, tok, prompts, settings, progress=False)
-            return time.perf_counter() - t, texts
-        finally:
-            G.FLAG_FROZEN_WEIGHTS = True
-
-    lora = None
-
-    def timed_lora(merge: bool) -> tuple[float, list[str]]:
-        G.MERGE_LORA = merge
-        try:
-            t = time.perf_counter()
-            texts = G.generate(lora, tok, prompts, settings, progress=False)
-            return time.perf_counter() - t, texts
-        finally:
-            G.MERGE_LORA = True
-
-    cases = {"weights flagged": (False, True), "frozen, not flagged": (True, False), "frozen, flagged": (True, True)}
-    lora_cases = {"LoRA, adapter products": False, "LoRA, merged": True}
-    secs: dict[str, list[float]] = {k: [] for k in (*cases, *lora_cases)}
+    secs: dict[str, list[float]] = {}
     texts: dict[str, list[str]] = {}
+
+    def run(label: str, rep: int, net, flag: bool = True, merge: bool = True) -> None:
+        G.FLAG_FROZEN_WEIGHTS, G.MERGE_LORA = flag, merge
+        try:
+            t = time.perf_counter()
+            out = G.generate(net, tok, prompts, settings, progress=False)
+            dt = time.perf_counter() - t
+        finally:
+            G.FLAG_FROZEN_WEIGHTS = G.MERGE_LORA = True
+        secs.setdefault(label, []).append(dt)
+        texts.setdefault(label, out)
+        print(f"rep {rep} {label}: {dt:.1f} s for {len(prompts)} prompts", flush=True)
+
     for rep in range(args.reps):
-        for label, (frozen, flag) in cases.items():
-            dt, out = timed(frozen, flag)
-            secs[label].append(dt)
-            texts.setdefault(label, out)
-            print(f"rep {rep} {label}: {dt:.1f} s for {len(prompts)} prompts", flush=True)
+        for label, frozen, flag in (
+            ("weights flagged", False, True),
+            ("frozen, not flagged", True, False),
+            ("frozen, flagged", True, True),
+        ):
+            for w in model.parameters():
+                w.requires_grad_(not frozen)
+            run(label, rep, model, flag=flag)
     # PEFT injects its layers into ``model`` itself, so the adapter goes on only after the plain cases ran
     lora = models.attach_lora(model, LoraConfig(r=32, alpha=64))
     for rep in range(args.reps):
-        for label, merge in lora_cases.items():
-            dt, out = timed_lora(merge)
-            secs[label].append(dt)
-            texts.setdefault(label, out)
-            print(f"rep {rep} {label}: {dt:.1f} s for {len(prompts)} prompts", flush=True)
+        run("LoRA, adapter products", rep, lora, merge=False)
+        run("LoRA, merged", rep, lora)
     ref = min(secs["weights flagged"])
     for label in secs:
         same = sum(a == b for a, b in zip(texts["weights flagged"], texts[label], strict=True))
