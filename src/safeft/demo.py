@@ -50,7 +50,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "train": {"steps": 40},
     # 48 new tokens: refusal markers appear in the first sentence and finance answers are ~30 tokens.
     # ASR on HarmBench's held-out half: the other half chose the stage-1 recipe (safeft.data.sources.HARMBENCH_PARTS).
-    # Its 100 contextual behaviours too (configs/demo_contextual.yaml) add ~2.5 min: past the 10-minute budget.
+    # Its 100 contextual behaviours too (configs/demo_contextual.yaml) add ~2 min: a fresh clone's demo would pass 10.
     # Batch 128: ~15 % faster than 64 on 2 cores (benchmarks/gen_batch.py); on CPU it changes 21 % (aligned model)
     # to 50 % (base model) of greedy completions' text (rounding moves near-ties): compare at one batch size only.
     "eval": {
