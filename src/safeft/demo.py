@@ -120,19 +120,18 @@ def demo(cfg: C.RunConfig, progress: bool = True) -> dict[str, Any]:
         "timings_s": timings,
         "eval": dataclasses.asdict(cfg.eval),
     }
-    io.write_json(out / "summary.json", result)
     table = format_table(cells, domain, cfg.eval)
-    if parts := harmbench_parts(cfg.eval):
+    if (suite := _harmful_suite(cfg.eval)) and (parts := harmbench_parts(suite)):
         by_part = {
-            label: rates_by_part(_harmful_records(out / run_dir_name(label), cfg.eval), parts, judged_by)
+            label: rates_by_part(_harmful_records(out / run_dir_name(label), suite), parts, judged_by)
             for label in cells
         }
         result["rates_by_part"] = {
             label: {part: {j: r.record() for j, r in per.items()} for part, per in bp.items()}
             for label, bp in by_part.items()
         }
-        io.write_json(out / "summary.json", result)
         table += "\n\n" + format_parts(by_part, judged_by)
+    io.write_json(out / "summary.json", result)
     io.write_text(out / "summary.md", table + "\n")
     print(table)
     print(f"\nwritten under {out}  (total {timings['total'] / 60:.1f} min)")
@@ -208,9 +207,14 @@ def _suite_of(summary: dict[str, Any], kind: str) -> str | None:
     return found[0] if found else None
 
 
+def _harmful_suite(ev: C.EvalConfig) -> str | None:
+    """The harmful suite in ``eval.suites`` (the table's ASR column), or None."""
+    return next((s for s in ev.suites if _of_kind(s, "harmful")), None)
+
+
 def _harmful_text(ev: C.EvalConfig) -> str:
     """What the ASR column was measured on, in words, from the harmful suite in ``eval.suites``."""
-    name = next((s for s in ev.suites if _of_kind(s, "harmful")), "harmful")
+    name = _harmful_suite(ev) or "harmful"
     if name == "harmful":
         return "HarmBench test prompts (a fixed seeded subset)"
     if name == "harmful:harmbench:heldout":
@@ -223,22 +227,20 @@ def _harmful_text(ev: C.EvalConfig) -> str:
     return f"the prompts of {name}"
 
 
-def harmbench_parts(ev: C.EvalConfig) -> dict[str, set[str]]:
-    """The HarmBench parts the harmful suite joins (``harmful:harmbench:heldout+contextual``) and each part's
+def harmbench_parts(suite: str) -> dict[str, set[str]]:
+    """The HarmBench parts a harmful suite joins (``harmful:harmbench:heldout+contextual``) and each part's
     ids, so the table can say what each part contributed; empty for any other harmful suite."""
     from safeft.data.sources import load_source
 
-    name = next((s for s in ev.suites if _of_kind(s, "harmful")), "")
-    source = name.split(":", 1)[1] if ":" in name else ""
+    source = suite.split(":", 1)[1] if ":" in suite else ""
     if not source.startswith("harmbench:") or "+" not in source:
         return {}
     return {p: {e.id for e in load_source(f"harmbench:{p}")} for p in source.split(":", 1)[1].split("+")}
 
 
-def _harmful_records(run_dir: Path, ev: C.EvalConfig) -> list[dict[str, Any]]:
+def _harmful_records(run_dir: Path, suite: str) -> list[dict[str, Any]]:
     from safeft.eval.records import file_stem, read_records
 
-    suite = next(s for s in ev.suites if _of_kind(s, "harmful"))
     found = sorted((run_dir / "eval").glob(f"*/{file_stem(suite)}.jsonl"))
     if len(found) != 1:  # a demo directory is new each run, so one evaluation per model; say so if not
         raise C.ConfigError(f"{run_dir}/eval: expected one records file of {suite}, found {len(found)}")

@@ -166,7 +166,7 @@ def test_asr_splits_by_harmbench_part_and_the_parts_add_up() -> None:
 def test_the_parts_of_a_harmbench_union_suite_are_found() -> None:
     from safeft.demo import harmbench_parts
 
-    assert harmbench_parts(EvalConfig(suites=["harmful:harmbench:heldout", "over_refusal"])) == {}
-    assert harmbench_parts(EvalConfig(suites=["harmful", "over_refusal"])) == {}
-    got = harmbench_parts(EvalConfig(suites=["harmful:harmbench:dev+heldout"]))
+    assert harmbench_parts("harmful:harmbench:heldout") == {}
+    assert harmbench_parts("harmful") == {}
+    got = harmbench_parts("harmful:harmbench:dev+heldout")
     assert list(got) == ["dev", "heldout"] and len(got["dev"]) == len(got["heldout"]) == 100
