@@ -108,7 +108,6 @@ class ChatEndpoint:
                 # A first wave that all failed means the endpoint is down, not one unlucky item: stop
                 # before every remaining item spends its own round of retries.
                 if not ok and failed >= min(self.concurrency, n):
-                    stop.set()
                     raise _error(
                         f"judge {self.judge!r}: the first {failed} requests to {self.url} all failed "
                         f"(e.g. {answer.error}); provide a running endpoint="
